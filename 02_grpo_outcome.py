@@ -1,0 +1,193 @@
+"""Lesson 02: GRPO with outcome supervision (DeepSeekMath, section 4.1).
+
+GRPO drops PPO's value model. For each question q it samples a group of G outputs {o_1..o_G} from
+pi_old, scores each with the reward, and uses the group itself as the baseline.
+
+Outcome supervision: one reward per output, normalised within its group,
+
+    r~_i = (r_i - mean(r)) / std(r),        A_{i,t} = r~_i   for every token t of o_i
+
+(a group whose rewards are all equal carries no signal: its advantages are 0).
+
+Eq. (3), the GRPO objective, maximised for mu iterations on each sampled batch:
+
+    J_GRPO(theta) = E[ 1/G sum_i 1/|o_i| sum_t { min( ratio_{i,t} A_{i,t},
+                                                      clip(ratio_{i,t}, 1-eps, 1+eps) A_{i,t} )
+                                                 - beta * D_KL[pi_theta || pi_ref] } ]
+    ratio_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
+
+Eq. (4), the KL estimator ("k3"), unbiased and never negative, in the loss rather than the reward:
+
+    D_KL[pi_theta || pi_ref] = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1     (per token)
+
+The reward is the task's exact verifier: 1 when the final answer is right, else 0. pi_ref is the SFT
+model and stays frozen.
+
+Run:  python 02_grpo_outcome.py            (python 02_grpo_outcome.py --help lists every knob)
+It prints a before/after table (greedy accuracy, Maj@K, Pass@K, OOD accuracy), writes
+runs/02_grpo_outcome/seed0/metrics.jsonl and saves the trained model beside it.
+"""
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = field(default="tiny", metadata={"help": "'tiny' (built in), or a causal LM folder / hub id"})
+    sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)"})
+    seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    steps: int = field(default=100, metadata={"help": "sampled batches; each gives mu policy updates"})
+    batch_size: int = field(default=16, metadata={"help": "questions per step"})
+    group_size: int = field(default=8, metadata={"help": "G: outputs sampled per question"})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the policy"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient beta of eq. (3)"})
+    clip_eps: float = field(default=0.2, metadata={"help": "clip range epsilon of eq. (3)"})
+    mu: int = field(default=1, metadata={"help": "GRPO iterations per sampled batch (1 in the paper)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest completion"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    eval_test: int = field(default=200, metadata={"help": "test problems evaluated before and after"})
+    eval_ood: int = field(default=200, metadata={"help": "out-of-distribution (longer) problems evaluated"})
+    k: int = field(default=8, metadata={"help": "K of Maj@K and Pass@K"})
+    out_dir: str = field(default="", metadata={"help": "where metrics.jsonl and the model go "
+                                                        "(default runs/02_grpo_outcome/seed<seed>)"})
+    cache_dir: str = field(default="", metadata={"help": "where SFT models are cached (default ./cache)"})
+
+
+def check_args(args: Args):
+    if args.group_size < 2:
+        common.fail(f"--group_size {args.group_size}: GRPO needs at least 2 outputs per question to form a baseline")
+    if args.beta < 0:
+        common.fail(f"--beta {args.beta}: the KL coefficient must be >= 0")
+    if not 0 <= args.clip_eps < 1:
+        common.fail(f"--clip_eps {args.clip_eps}: the clip range must be in [0, 1)")
+    if args.mu < 1:
+        common.fail(f"--mu {args.mu}: at least one GRPO iteration per batch")
+    for name in ("steps", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            common.fail(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.temperature <= 0:
+        common.fail(f"--temperature {args.temperature}: must be > 0 (GRPO samples, it does not decode greedily)")
+
+
+def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tensor:
+    """r_i: 1 if output i's final answer is right, else 0.  # [B*G]"""
+    return torch.tensor([float(common.verify(problems[i // group_size], t)["correct"]) for i, t in enumerate(texts)])
+
+
+def grpo_outcome_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """r~_i = (r_i - mean(r)) / std(r) within each group of G; 0 for a group whose rewards are all equal.
+
+    rewards: [B*G], rows i*G..i*G+G-1 one group. Returns [B*G], the A_{i,t} of every token of o_i.
+    std is the group's own (population) standard deviation.
+    """
+    r = rewards.view(-1, group_size)  # [B, G]
+    mean = r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True, unbiased=False)
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, (r - mean) / safe, torch.zeros_like(r)).view(-1)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """eq. (4): D_KL = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1, per token, >= 0."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta: float):
+    """-J_GRPO of eq. (3) and its statistics.
+
+    logp, old_logp, ref_logp: [N, T] log-probs of the sampled tokens under pi_theta, pi_old, pi_ref;
+    advantages: [N, T] A_{i,t}; mask: [N, T] 1 on completion tokens (up to and including EOS).
+    """
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)  # [N, T]
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    kl = kl_k3(logp, ref_logp)  # [N, T]
+    per_token = surrogate - beta * kl
+    per_output = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # 1/|o_i| sum_t
+    objective = per_output.mean()  # 1/G sum_i, and the mean over questions
+    n = mask.sum().clamp(min=1)
+    stats = {
+        "kl": ((kl * mask).sum() / n).item(),
+        "clip_frac": ((((ratio - 1).abs() > clip_eps).float() * mask).sum() / n).item(),
+    }
+    return -objective, stats
+
+
+def main(argv=None):
+    args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    check_args(args)
+    started = time.time()
+    device = common.resolve_device(args.device)
+    common.set_seed(args.seed)
+    out_dir = args.out_dir or f"runs/02_grpo_outcome/seed{args.seed}"
+
+    policy, tokenizer = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
+    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the SFT model, frozen
+    evaluate = lambda: common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
+                                       args.temperature, args.max_new_tokens)
+    before = evaluate()
+    print(common.results_table({"SFT model": before}))
+
+    common.set_seed(args.seed)
+    problems = common.train_problems(args.seed)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    log = common.MetricsLog(out_dir)
+    G = args.group_size
+    bar = tqdm(range(1, args.steps + 1), desc="GRPO (outcome)")
+    for step in bar:
+        t0 = time.time()
+        batch_problems = [next(problems) for _ in range(args.batch_size)]
+        # pi_old <- pi_theta; sample G outputs o_i ~ pi_old(.|q) for each question q
+        batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], G,
+                              args.temperature, args.max_new_tokens)
+        rewards = outcome_rewards(batch_problems, batch.texts, G).to(device)  # [B*G]
+        advantages = grpo_outcome_advantages(rewards, G)  # [B*G]
+        token_advantages = advantages[:, None].expand_as(batch.completion_mask)  # [B*G, T]: A_{i,t} = r~_i
+        with torch.no_grad():
+            old_logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+            ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [B*G, T]
+        policy.train()
+        for _ in range(args.mu):
+            logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+            loss, stats = grpo_loss(logp, old_logp, ref_logp, token_advantages, batch.completion_mask,
+                                    args.clip_eps, args.beta)
+            optimizer.zero_grad()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+        policy.eval()
+
+        equal_groups = (rewards.view(-1, G).std(1) == 0).float().mean().item()
+        record = {"step": step, "reward": rewards.mean().item(), "accuracy": (rewards == 1).float().mean().item(),
+                  "kl": stats["kl"], "clip_frac": stats["clip_frac"], "loss": loss.item(),
+                  "grad_norm": grad_norm.item(), "zero_adv_groups": equal_groups,
+                  "completion_len": batch.completion_mask.sum(1).float().mean().item(),
+                  "step_time": time.time() - t0}
+        log.write(record)
+        bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
+                        kl=f"{record['kl']:.4f}", clip=f"{record['clip_frac']:.3f}",
+                        zero_adv=f"{equal_groups:.2f}")
+
+    after = evaluate()
+    policy.save_pretrained(f"{out_dir}/model")
+    tokenizer.save_pretrained(f"{out_dir}/model")
+    log.write({"final": True, "before": before, "after": after, "wall_time": time.time() - started})
+    print(f"\nGRPO with outcome supervision, {args.steps} steps of {args.batch_size} questions x G={G} "
+          f"on {device}, {time.time() - started:.0f}s")
+    print(common.results_table({"SFT model": before, "after GRPO (outcome)": after}))
+    return {"before": before, "after": after, "out_dir": out_dir}
+
+
+if __name__ == "__main__":
+    main()

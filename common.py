@@ -1,0 +1,458 @@
+"""The one shared helper of the course: the task, the model, sampling, log-probs, evaluation.
+
+Nothing in here is an RL algorithm. Every lesson file holds its whole algorithm; this file holds only
+what all lessons need and none of them teaches:
+
+- the task: chained arithmetic, one step per line, a final `#### answer` line, checked exactly
+- `load_policy`: the tiny default model (built, SFT-warm-started and cached on first use) or any causal LM
+- `sample`: G completions per prompt in one batched `generate` call with the KV cache
+- `token_logprobs`: log pi(o_t | q, o_<t) of every completion token in one forward pass
+- `evaluate`: greedy accuracy, Maj@K and Pass@K on the test split, greedy accuracy out of distribution
+"""
+
+import json
+import math
+import os
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_CACHE = REPO / "cache"
+SFT_STEPS = 360  # steps of the default SFT warm start: the tiny model is then right about half the time
+
+# ----------------------------------------------------------------------------------------------------
+# The task: "7+5*3-9" is computed left to right, one operation per line, like a pocket calculator:
+#
+#     prompt      7+5*3-9\n
+#     completion  7+5=12\n12*3=36\n36-9=27\n#### 27\n<eos>
+#
+# Every intermediate value stays in 0..99, every operand is one digit. The final line uses GSM8K's
+# "#### answer" mark. Step j of the paper (process supervision) is line j; it ends at its newline token.
+
+TRAIN_OPS = (2, 4)  # operations per problem in the train and test splits (inclusive range)
+OOD_OPS = (5, 6)  # longer chains, never seen in training: the out-of-distribution split
+TEST_SEED, OOD_SEED = 1_000_003, 2_000_003
+MAX_VALUE = 99
+
+
+def make_problem(rng: random.Random, num_ops: int) -> dict:
+    """One problem: a start value and `num_ops` (operator, operand) pairs, all values within 0..MAX_VALUE."""
+    value = rng.randint(1, 9)
+    start, ops = value, []
+    for _ in range(num_ops):
+        while True:
+            op = rng.choice("+-*")
+            b = rng.randint(2, 9) if op == "*" else rng.randint(1, 9)
+            c = apply_op(value, op, b)
+            if 0 <= c <= MAX_VALUE:
+                break
+        ops.append((op, b))
+        value = c
+    question = str(start) + "".join(f"{op}{b}" for op, b in ops)
+    return {"question": question, "start": start, "ops": ops, "answer": value}
+
+
+def apply_op(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def make_split(name: str, n: int) -> list[dict]:
+    """The fixed held-out splits: "test" (2-4 operations) and "ood" (5-6 operations)."""
+    if name not in ("test", "ood"):
+        raise ValueError(f"unknown split {name!r}: use 'test' or 'ood'")
+    rng = random.Random(TEST_SEED if name == "test" else OOD_SEED)
+    lo, hi = TRAIN_OPS if name == "test" else OOD_OPS
+    return [make_problem(rng, rng.randint(lo, hi)) for _ in range(n)]
+
+
+def train_problems(seed: int, held_out: list[dict] | None = None):
+    """The endless, seeded train split: 2-4 operations, never a question of the test split."""
+    banned = {p["question"] for p in (held_out if held_out is not None else make_split("test", 500))}
+    rng = random.Random(seed)
+    while True:
+        problem = make_problem(rng, rng.randint(*TRAIN_OPS))
+        if problem["question"] not in banned:
+            yield problem
+
+
+def prompt_text(problem: dict) -> str:
+    return problem["question"] + "\n"
+
+
+def solution_text(problem: dict) -> str:
+    """The demonstration: one line per operation, then the final-answer line (no EOS: tokenizers add it)."""
+    lines, value = [], problem["start"]
+    for op, b in problem["ops"]:
+        c = apply_op(value, op, b)
+        lines.append(f"{value}{op}{b}={c}")
+        value = c
+    return "\n".join(lines) + f"\n#### {value}\n"
+
+
+STEP_RE = re.compile(r"(\d{1,4})([+\-*])(\d{1,4})=(-?\d{1,4})")
+ANSWER_RE = re.compile(r"#### (-?\d{1,4})")
+
+
+def split_lines(text: str) -> list[str]:
+    """The steps of a completion: its lines; a last line without a newline still counts."""
+    lines = text.split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+def verify(problem: dict, text: str) -> dict:
+    """Grade a completion. Never raises, whatever the text.
+
+    Returns {"correct": final answer right, "answer": the int after "####" or None,
+             "steps": one bool per line of the text}. A line is a correct step when it is
+    "a<op>b=c" with a the previous line's result (the start value for line 1), <op>b the problem's
+    operation of that line, and c = a<op>b exactly; the "#### n" line is correct when n is the answer.
+    """
+    steps, answer, prev = [], None, problem["start"]
+    for j, line in enumerate(split_lines(text)):
+        m = ANSWER_RE.fullmatch(line)
+        if m:
+            value = int(m.group(1))
+            if answer is None:
+                answer = value
+            steps.append(value == problem["answer"])
+            continue
+        m = STEP_RE.fullmatch(line)
+        ok = False
+        if m and j < len(problem["ops"]):
+            a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+            ok = (a == prev and (op, b) == problem["ops"][j] and c == apply_op(a, op, b))
+            prev = c
+        steps.append(ok)
+    return {"correct": answer is not None and answer == problem["answer"], "answer": answer, "steps": steps}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+def build_char_tokenizer():
+    """A real PreTrainedTokenizerFast with one token per character of the task, built in code."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + list("0123456789+-*=# \n"))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char its own token
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
+def build_tiny_model(tokenizer, seed: int):
+    """A tiny Llama (about 0.8 M parameters) initialised at random."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=128, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def fail(message: str):
+    """Stop with one clear line for the user, not a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' is CUDA when there is a GPU, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        fail(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {name!r} asks for a GPU but torch sees none: use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        fail(f"--device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.strip("/")).strip("_")[-60:]
+
+
+def load_policy(model: str = "tiny", sft_steps: int = SFT_STEPS, device: str | torch.device = "cpu",
+                cache_dir: str | Path | None = None, seed: int = 0):
+    """The SFT model pi_sft and its tokenizer: the starting point (and reference) of every lesson.
+
+    model="tiny" builds the course's default character-level Llama; anything else is a folder or hub id
+    loaded with from_pretrained. Either way the model is warm-started with `sft_steps` steps of
+    supervised fine-tuning on task demonstrations the first time, saved to `cache_dir`, and loaded
+    from there every later time.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device) if isinstance(device, str) else device
+    if sft_steps < 0:
+        fail(f"--sft_steps must be >= 0, got {sft_steps}")
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if model != "tiny" and looks_like_path and not Path(model).expanduser().exists():
+        fail(f"--model {model!r} does not exist: give a folder saved with save_pretrained, a hub id, or 'tiny'")
+    cache_dir = Path(cache_dir or os.environ.get("PPO_GRPO_CACHE", DEFAULT_CACHE))
+    path = cache_dir / f"sft-{_slug(model)}-{sft_steps}steps-seed{seed}"
+    if not (path / "config.json").exists():
+        _build_sft_model(model, sft_steps, device, path, seed)
+    # Always load from the cache folder, so a first run and a later run start from the same weights.
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return _prepare(policy, tokenizer, device), tokenizer
+
+
+def _build_sft_model(model: str, sft_steps: int, device, path: Path, seed: int):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if model == "tiny":
+        tokenizer = build_char_tokenizer()
+        policy = build_tiny_model(tokenizer, seed)
+    else:
+        local = Path(model).expanduser()
+        source = str(local) if local.exists() else model
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
+            policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            fail(f"could not load --model {model!r} ({first}). Without internet, pass a local folder "
+                 "saved with save_pretrained, or use the default --model tiny")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        fail(f"--model {model!r} has a tokenizer with no EOS token: the lessons need one to end completions")
+    policy = _prepare(policy, tokenizer, device)
+    if sft_steps > 0:
+        sft_warm_start(policy, tokenizer, sft_steps, seed=seed)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    policy.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if path.exists():  # another process built it meanwhile
+        import shutil
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, path)
+
+
+def _prepare(policy, tokenizer, device):
+    from transformers import GenerationConfig
+
+    # A clean generation config: a hub model's own top_k / top_p / repetition penalty would make the
+    # sampled distribution differ from the pi_theta whose log-probs the losses use.
+    policy.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id)
+    policy.config.pad_token_id = tokenizer.pad_token_id
+    return policy.to(device)
+
+
+def sft_warm_start(policy, tokenizer, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+                   log_every: int = 0):
+    """Supervised fine-tuning on demonstrations: maximise log pi(o | q) of the reference solutions."""
+    from tqdm import tqdm
+
+    device = next(policy.parameters()).device
+    problems = train_problems(seed + 17)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    policy.train()
+    bar = tqdm(range(steps), desc="SFT warm start", leave=False)
+    for step in bar:
+        for g in opt.param_groups:  # linear warm-up, cosine decay
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        batch = [next(problems) for _ in range(batch_size)]
+        data = build_batch(tokenizer, [prompt_text(p) for p in batch], [solution_text(p) for p in batch], device)
+        logp = token_logprobs(policy, data)  # [B, T]
+        loss = -(logp * data.completion_mask).sum() / data.completion_mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    policy.eval()
+    return policy
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling and log-probs
+
+
+@dataclass
+class Batch:
+    """Prompts and completions, the layout every lesson trains on.
+
+    Row i*G + g is the g-th completion of prompt i. Prompts are left-padded, completions right-padded.
+    """
+    prompt_ids: torch.Tensor  # [N, P] left-padded
+    prompt_mask: torch.Tensor  # [N, P] 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [N, T]
+    completion_mask: torch.Tensor  # [N, T] 1 up to and including the first EOS
+    texts: list  # N decoded completions, without the EOS
+    step_ends: list  # N lists: the completion position where each line (step) ends
+
+    def __len__(self):
+        return self.completion_ids.shape[0]
+
+
+_PIECES: dict = {}
+
+
+def _piece(tokenizer, token_id: int) -> str:
+    key = (id(tokenizer), token_id)
+    if key not in _PIECES:
+        _PIECES[key] = tokenizer.decode([token_id])
+    return _PIECES[key]
+
+
+def _finish(tokenizer, prompt_ids, prompt_mask, completion_ids) -> Batch:
+    """Completion mask up to and including the first EOS; texts and step ends read from the same tokens."""
+    eos = tokenizer.eos_token_id
+    is_eos = completion_ids == eos  # [N, T]
+    T = completion_ids.shape[1]
+    first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full_like(is_eos[:, 0], T, dtype=torch.long))
+    positions = torch.arange(T, device=completion_ids.device)[None]  # [1, T]
+    completion_mask = (positions <= first_eos[:, None]).long()  # [N, T]
+    texts, step_ends = [], []
+    for row, end in zip(completion_ids.tolist(), first_eos.tolist()):
+        pieces = [_piece(tokenizer, t) for t in row[:end]]  # tokens before the EOS
+        ends = [t for t, piece in enumerate(pieces) for _ in range(piece.count("\n"))]
+        text = "".join(pieces)
+        if text and not text.endswith("\n"):
+            ends.append(len(pieces) - 1)  # a last line cut short still ends somewhere
+        texts.append(text)
+        step_ends.append(ends)
+    return Batch(prompt_ids, prompt_mask, completion_ids, completion_mask, texts, step_ends)
+
+
+def build_batch(tokenizer, prompts: list[str], completions: list[str], device) -> Batch:
+    """A Batch from given texts (demonstrations, stored samples): each completion gets an EOS."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    rows = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in completions]
+    T = max(len(r) for r in rows)
+    completion_ids = torch.full((len(rows), T), tokenizer.pad_token_id, dtype=torch.long)  # [N, T]
+    for i, r in enumerate(rows):
+        completion_ids[i, :len(r)] = torch.tensor(r)
+    return _finish(tokenizer, enc["input_ids"].to(device), enc["attention_mask"].to(device), completion_ids.to(device))
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], group_size: int = 1, temperature: float = 1.0,
+           max_new_tokens: int = 64, greedy: bool = False) -> Batch:
+    """G completions per prompt from one batched `generate` call (KV cache, left padding)."""
+    device = next(model.parameters()).device
+    enc = tokenizer([p for p in prompts for _ in range(group_size)], return_tensors="pt", padding=True,
+                    padding_side="left").to(device)
+    was_training = model.training
+    model.eval()
+    # top_k=0 and top_p=1 sample from the full softmax(logits / temperature): exactly the pi_theta of
+    # token_logprobs, so the ratios pi_theta / pi_old start at 1.
+    how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    out = model.generate(**enc, **how, max_new_tokens=max_new_tokens, use_cache=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.train(was_training)
+    P = enc["input_ids"].shape[1]
+    return _finish(tokenizer, enc["input_ids"], enc["attention_mask"], out[:, P:])
+
+
+def token_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) for every completion token, one forward pass; 0 where masked.  # [N, T]
+
+    Position ids come from the attention mask so left padding does not shift them, and the logits are
+    divided by the sampling temperature so the log-probs are those of the distribution that sampled.
+    """
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)  # [N, P+T]
+    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)  # [N, P+T]
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    P = batch.prompt_ids.shape[1]
+    logits = logits[:, P - 1:-1].float() / temperature  # [N, T, V]: position P-1 predicts completion token 0
+    logp = torch.gather(F.log_softmax(logits, -1), 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return logp * batch.completion_mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def majority_correct(problem: dict, texts: list[str]) -> bool:
+    """Maj@K: the most frequent final answer among K samples (first seen wins a tie) is right."""
+    answers = [verify(problem, t)["answer"] for t in texts]
+    answers = [a for a in answers if a is not None]
+    return bool(answers) and Counter(answers).most_common(1)[0][0] == problem["answer"]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, n_test: int = 200, n_ood: int = 200, k: int = 8, temperature: float = 1.0,
+             max_new_tokens: int = 64, chunk: int = 256) -> dict:
+    """Greedy accuracy, Maj@K and Pass@K (K samples at `temperature`) on the test split; greedy on OOD."""
+    result = {}
+    for split, n in (("test", n_test), ("ood", n_ood)):
+        problems = make_split(split, n)
+        if not problems:
+            continue
+        correct = []
+        for i in range(0, n, chunk):
+            part = problems[i:i + chunk]
+            out = sample(model, tokenizer, [prompt_text(p) for p in part], greedy=True,
+                         max_new_tokens=max_new_tokens)
+            correct += [verify(p, t)["correct"] for p, t in zip(part, out.texts)]
+        result[f"{split}_greedy"] = sum(correct) / n
+        if split == "test" and k > 0:
+            maj, any_right = [], []
+            per_chunk = max(1, chunk // k)
+            for i in range(0, n, per_chunk):
+                part = problems[i:i + per_chunk]
+                out = sample(model, tokenizer, [prompt_text(p) for p in part], group_size=k,
+                             temperature=temperature, max_new_tokens=max_new_tokens)
+                for j, p in enumerate(part):
+                    texts = out.texts[j * k:(j + 1) * k]
+                    maj.append(majority_correct(p, texts))
+                    any_right.append(any(verify(p, t)["correct"] for t in texts))
+            result[f"test_maj@{k}"] = sum(maj) / n
+            result[f"test_pass@{k}"] = sum(any_right) / n
+    return result
+
+
+def results_table(rows: dict) -> str:
+    """A Markdown table: one row per name (e.g. "SFT model", "after GRPO"), one column per metric."""
+    names = list(rows)
+    cols = list(rows[names[0]])
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name in names:
+        cells = [f"{100 * rows[name][c]:.1f}%" if isinstance(rows[name][c], float) else str(rows[name][c])
+                 for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object a line, appended as training goes."""
+
+    def __init__(self, out_dir: str | Path):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+
+    def write(self, record: dict):
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -1,0 +1,196 @@
+"""The shared helper: task, verifier, sampling, log-probs, evaluation."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = common.build_char_tokenizer()
+    model = common.build_tiny_model(tokenizer, seed=0).eval()
+    return model, tokenizer
+
+
+PROBLEM = {"question": "7+5*3-9", "start": 7, "ops": [("+", 5), ("*", 3), ("-", 9)], "answer": 27}
+
+
+def test_problem_generator_is_seeded_and_in_range():
+    a, b = common.make_split("test", 50), common.make_split("test", 50)
+    assert a == b
+    for p in a + common.make_split("ood", 50):
+        value = p["start"]
+        for op, x in p["ops"]:
+            value = common.apply_op(value, op, x)
+            assert 0 <= value <= common.MAX_VALUE
+        assert value == p["answer"]
+        assert common.verify(p, common.solution_text(p))["correct"]
+    assert {len(p["ops"]) for p in common.make_split("ood", 50)} <= {5, 6}
+    test_questions = {p["question"] for p in common.make_split("test", 500)}
+    train = common.train_problems(0)
+    assert not any(next(train)["question"] in test_questions for _ in range(2000))
+
+
+def test_solution_text_worked_example():
+    assert common.prompt_text(PROBLEM) == "7+5*3-9\n"
+    assert common.solution_text(PROBLEM) == "7+5=12\n12*3=36\n36-9=27\n#### 27\n"
+
+
+def test_verify_good_wrong_partial_garbage():
+    good = common.verify(PROBLEM, "7+5=12\n12*3=36\n36-9=27\n#### 27\n")
+    assert good == {"correct": True, "answer": 27, "steps": [True, True, True, True]}
+    # an arithmetic slip in step 2 carried forward: later steps are locally right, the answer is wrong
+    wrong = common.verify(PROBLEM, "7+5=12\n12*3=35\n35-9=26\n#### 26\n")
+    assert wrong == {"correct": False, "answer": 26, "steps": [True, False, True, False]}
+    # truncated: no final answer, last line cut short
+    partial = common.verify(PROBLEM, "7+5=12\n12*3=3")
+    assert partial == {"correct": False, "answer": None, "steps": [True, False]}
+    # right answer line with no work still counts as the outcome
+    assert common.verify(PROBLEM, "#### 27\n")["correct"]
+    # a step that uses the wrong operation, or the wrong first operand
+    assert common.verify(PROBLEM, "7*5=35\n")["steps"] == [False]
+    assert common.verify(PROBLEM, "8+5=13\n")["steps"] == [False]
+    for garbage in ["", "\n", "\n\n\n", "####", "#### \n", "#### 99999999999999999999\n", "=====",
+                    "7+5=" + "9" * 5000, "\x00\ufffd漢字", "#### -27", "<eos><pad>", "1+1=2\n" * 50]:
+        out = common.verify(PROBLEM, garbage)
+        assert out["correct"] is False and len(out["steps"]) == len(common.split_lines(garbage))
+
+
+def test_tokenizer_is_character_level_and_round_trips(tiny):
+    _, tokenizer = tiny
+    text = "7+5*3-9\n7+5=12\n#### 27\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer(text)["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_completion_mask_stops_at_first_eos_and_step_ends(tiny):
+    _, tokenizer = tiny
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    rows = [ids("1+2=3\n") + [eos] + ids("9\n") + [eos],  # EOS in the middle: what follows is masked
+            ids("#### 3\n#12"),  # no EOS (cut at max_new_tokens): every token counts
+            [eos] + [pad] * 8]  # EOS first: an empty completion of one token
+    T = max(len(r) for r in rows)
+    completion_ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])
+    prompt = tokenizer(["1+2\n"] * 3, return_tensors="pt")
+    batch = common._finish(tokenizer, prompt["input_ids"], prompt["attention_mask"], completion_ids)
+    assert batch.completion_mask.tolist() == [[1] * 7 + [0] * 3, [1] * 10, [1] + [0] * 9]
+    assert batch.texts == ["1+2=3\n", "#### 3\n#12", ""]
+    assert batch.step_ends == [[5], [6, 9], []]
+
+
+def test_build_batch_matches_demonstration(tiny):
+    _, tokenizer = tiny
+    batch = common.build_batch(tokenizer, ["7+5*3-9\n", "1+1\n"], [common.solution_text(PROBLEM), "1+1=2\n"], "cpu")
+    assert batch.texts == [common.solution_text(PROBLEM), "1+1=2\n"]
+    assert batch.step_ends[0] == [6, 14, 22, 30]  # the newline of each line
+    assert batch.completion_mask.sum(1).tolist() == [32, 7]  # text + EOS
+    assert batch.prompt_mask.tolist()[1][:4] == [0, 0, 0, 0]  # left padding
+
+
+def test_token_logprobs_equal_transformers_cross_entropy(tiny):
+    model, tokenizer = tiny
+    prompt, completion = "7+5*3-9\n", common.solution_text(PROBLEM)
+    batch = common.build_batch(tokenizer, [prompt], [completion], "cpu")
+    ours = common.token_logprobs(model, batch)[0]  # [T]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full = torch.tensor([prompt_ids + batch.completion_ids[0].tolist()])
+    labels = full.clone()
+    labels[0, :len(prompt_ids)] = -100
+    with torch.no_grad():
+        loss = model(input_ids=full, labels=labels).loss  # transformers' own mean token cross-entropy
+        per_token_ce = F.cross_entropy(model(input_ids=full).logits[0, :-1], full[0, 1:], reduction="none")
+    assert torch.allclose(-ours.mean(), loss, atol=1e-5)
+    assert torch.allclose(-ours, per_token_ce[len(prompt_ids) - 1:], atol=1e-5)
+
+
+def test_token_logprobs_unchanged_by_left_padding_and_temperature(tiny):
+    model, tokenizer = tiny
+    completions = [common.solution_text(PROBLEM), "1+"]
+    short = common.build_batch(tokenizer, ["7+5*3-9\n", "1+1\n"], completions, "cpu")
+    # the same rows with 5 extra pad tokens on the left of every prompt
+    pad = torch.full((2, 5), tokenizer.pad_token_id)
+    padded = common.Batch(torch.cat([pad, short.prompt_ids], 1), torch.cat([torch.zeros_like(pad), short.prompt_mask], 1),
+                          short.completion_ids, short.completion_mask, short.texts, short.step_ends)
+    with torch.no_grad():
+        for temperature in (1.0, 0.7):
+            a = common.token_logprobs(model, short, temperature)
+            b = common.token_logprobs(model, padded, temperature)
+            assert torch.allclose(a, b, atol=1e-5)
+            assert (a[short.completion_mask == 0] == 0).all()
+    # temperature divides the logits: check one position by hand
+    with torch.no_grad():
+        ids = torch.cat([short.prompt_ids[:1], short.completion_ids[:1]], 1)
+        logits = model(input_ids=ids).logits[0, short.prompt_ids.shape[1] - 1]
+        expected = F.log_softmax(logits / 0.7, -1)[short.completion_ids[0, 0]]
+        assert torch.allclose(common.token_logprobs(model, short, 0.7)[0, 0], expected, atol=1e-5)
+
+
+def test_sample_shapes_groups_and_masks(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    batch = common.sample(model, tokenizer, ["7+5*3-9\n", "1+1\n"], group_size=3, max_new_tokens=12)
+    assert batch.completion_ids.shape[0] == 6 and batch.completion_ids.shape[1] <= 12
+    assert batch.prompt_ids.shape[0] == 6
+    assert (batch.prompt_ids[0] == batch.prompt_ids[2]).all() and not (batch.prompt_ids[0] == batch.prompt_ids[3]).all()
+    for row, mask, text in zip(batch.completion_ids, batch.completion_mask, batch.texts):
+        n = int(mask.sum())
+        if (row == tokenizer.eos_token_id).any():
+            assert row[n - 1] == tokenizer.eos_token_id and (row[:n - 1] != tokenizer.eos_token_id).all()
+        else:
+            assert n == len(row)
+
+
+def test_sample_step_ends_match_verifier_lines(tiny):
+    model, tokenizer = tiny
+    torch.manual_seed(1)
+    batch = common.sample(model, tokenizer, ["7+5*3-9\n"], group_size=16, max_new_tokens=30)
+    for text, ends, mask in zip(batch.texts, batch.step_ends, batch.completion_mask):
+        assert len(ends) == len(common.split_lines(text)) == len(common.verify(PROBLEM, text)["steps"])
+        assert all(e < int(mask.sum()) for e in ends)
+
+
+def test_majority_vote():
+    texts = ["#### 27\n", "#### 26\n", "#### 27\n", "junk", "#### 5\n"]
+    assert common.majority_correct(PROBLEM, texts)
+    assert not common.majority_correct(PROBLEM, ["#### 26\n", "#### 26\n", "#### 27\n"])
+    assert not common.majority_correct(PROBLEM, ["junk", ""])
+
+
+def test_evaluate_counts_a_perfect_model():
+    """evaluate() on a stand-in model that always writes the right solution gives 100% everywhere."""
+    tokenizer = common.build_char_tokenizer()
+
+    class Oracle(torch.nn.Module):  # a fake causal LM that emits the reference solution of its prompt
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+            rows = []
+            for ids in input_ids.tolist():
+                question = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                problem = next(p for p in common.make_split("test", 8) + common.make_split("ood", 8)
+                               if p["question"] == question)
+                rows.append(ids + tokenizer(common.solution_text(problem), add_special_tokens=False)["input_ids"]
+                            + [tokenizer.eos_token_id])
+            T = max(map(len, rows))
+            return torch.tensor([r + [tokenizer.pad_token_id] * (T - len(r)) for r in rows])
+
+    result = common.evaluate(Oracle(), tokenizer, n_test=8, n_ood=8, k=3)
+    assert result == {"test_greedy": 1.0, "test_maj@3": 1.0, "test_pass@3": 1.0, "ood_greedy": 1.0}
+
+
+def test_bad_device_and_missing_model_are_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--device 'gpu0'"):
+        common.resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="torch sees none"):
+            common.resolve_device("cuda")
+    with pytest.raises(SystemExit, match="does not exist"):
+        common.load_policy(str(tmp_path / "no-such-model"), sft_steps=0, cache_dir=tmp_path)
