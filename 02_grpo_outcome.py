@@ -49,6 +49,8 @@ class Args:
     batch_size: int = field(default=16, metadata={"help": "questions per step"})
     group_size: int = field(default=8, metadata={"help": "G: outputs sampled per question"})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the policy"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear learning-rate warm-up: Adam's first "
+                                                            "steps are full-size even when the gradient is noise"})
     beta: float = field(default=0.04, metadata={"help": "KL coefficient beta of eq. (3)"})
     clip_eps: float = field(default=0.2, metadata={"help": "clip range epsilon of eq. (3)"})
     mu: int = field(default=1, metadata={"help": "GRPO iterations per sampled batch (1 in the paper)"})
@@ -124,6 +126,35 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta:
     return -objective, stats
 
 
+def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Args) -> dict:
+    """One pass of the loop: sample a group per question from pi_old, score, then mu updates of eq. (3)."""
+    G, device = args.group_size, next(policy.parameters()).device
+    # pi_old <- pi_theta; sample G outputs o_i ~ pi_old(.|q) for each question q
+    batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], G,
+                          args.temperature, args.max_new_tokens)
+    rewards = outcome_rewards(problems, batch.texts, G).to(device)  # [B*G]
+    advantages = grpo_outcome_advantages(rewards, G)  # [B*G]
+    token_advantages = advantages[:, None].expand_as(batch.completion_mask)  # [B*G, T]: A_{i,t} = r~_i
+    with torch.no_grad():
+        old_logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+        ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [B*G, T]
+    policy.train()
+    for _ in range(args.mu):  # GRPO iterations on the same batch
+        logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+        loss, stats = grpo_loss(logp, old_logp, ref_logp, token_advantages, batch.completion_mask,
+                                args.clip_eps, args.beta)
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        optimizer.step()
+    policy.eval()
+    return {"reward": rewards.mean().item(), "accuracy": (rewards == 1).float().mean().item(),
+            "kl": stats["kl"], "clip_frac": stats["clip_frac"], "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "zero_adv_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
+            "completion_len": batch.completion_mask.sum(1).float().mean().item()}
+
+
 def main(argv=None):
     args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
     check_args(args)
@@ -142,48 +173,26 @@ def main(argv=None):
     common.set_seed(args.seed)
     problems = common.train_problems(args.seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps)))
     log = common.MetricsLog(out_dir)
-    G = args.group_size
     bar = tqdm(range(1, args.steps + 1), desc="GRPO (outcome)")
     for step in bar:
         t0 = time.time()
-        batch_problems = [next(problems) for _ in range(args.batch_size)]
-        # pi_old <- pi_theta; sample G outputs o_i ~ pi_old(.|q) for each question q
-        batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], G,
-                              args.temperature, args.max_new_tokens)
-        rewards = outcome_rewards(batch_problems, batch.texts, G).to(device)  # [B*G]
-        advantages = grpo_outcome_advantages(rewards, G)  # [B*G]
-        token_advantages = advantages[:, None].expand_as(batch.completion_mask)  # [B*G, T]: A_{i,t} = r~_i
-        with torch.no_grad():
-            old_logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
-            ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [B*G, T]
-        policy.train()
-        for _ in range(args.mu):
-            logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
-            loss, stats = grpo_loss(logp, old_logp, ref_logp, token_advantages, batch.completion_mask,
-                                    args.clip_eps, args.beta)
-            optimizer.zero_grad()
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-            optimizer.step()
-        policy.eval()
-
-        equal_groups = (rewards.view(-1, G).std(1) == 0).float().mean().item()
-        record = {"step": step, "reward": rewards.mean().item(), "accuracy": (rewards == 1).float().mean().item(),
-                  "kl": stats["kl"], "clip_frac": stats["clip_frac"], "loss": loss.item(),
-                  "grad_norm": grad_norm.item(), "zero_adv_groups": equal_groups,
-                  "completion_len": batch.completion_mask.sum(1).float().mean().item(),
-                  "step_time": time.time() - t0}
+        record = grpo_step(policy, ref_policy, tokenizer, optimizer,
+                           [next(problems) for _ in range(args.batch_size)], args)
+        warmup.step()
+        record = {"step": step, **record, "step_time": time.time() - t0}
         log.write(record)
         bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                         kl=f"{record['kl']:.4f}", clip=f"{record['clip_frac']:.3f}",
-                        zero_adv=f"{equal_groups:.2f}")
+                        zero_adv=f"{record['zero_adv_groups']:.2f}")
 
     after = evaluate()
     policy.save_pretrained(f"{out_dir}/model")
     tokenizer.save_pretrained(f"{out_dir}/model")
     log.write({"final": True, "before": before, "after": after, "wall_time": time.time() - started})
-    print(f"\nGRPO with outcome supervision, {args.steps} steps of {args.batch_size} questions x G={G} "
+    print(f"\nGRPO with outcome supervision, {args.steps} steps of {args.batch_size} questions "
+          f"x G={args.group_size} "
           f"on {device}, {time.time() - started:.0f}s")
     print(common.results_table({"SFT model": before, "after GRPO (outcome)": after}))
     return {"before": before, "after": after, "out_dir": out_dir}

@@ -27,3 +27,11 @@ def cache_dir(tmp_path_factory):
 # Tiny settings that run a whole lesson through main() in seconds on a CPU.
 TINY = ["--sft_steps", "20", "--steps", "2", "--batch_size", "2", "--group_size", "2", "--eval_test", "4",
         "--eval_ood", "2", "--k", "2", "--max_new_tokens", "40", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def sft_policy(cache_dir):
+    """The course's default SFT model (built once per test session, about a minute on a 2-core CPU)."""
+    import common
+
+    return common.load_policy("tiny", common.SFT_STEPS, "cpu", cache_dir)

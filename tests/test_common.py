@@ -194,3 +194,21 @@ def test_bad_device_and_missing_model_are_one_line_errors(tmp_path):
             common.resolve_device("cuda")
     with pytest.raises(SystemExit, match="does not exist"):
         common.load_policy(str(tmp_path / "no-such-model"), sft_steps=0, cache_dir=tmp_path)
+
+
+def test_token_logprobs_are_the_distribution_generate_samples_from(tiny):
+    """With left padding in the batch, generate's own (temperature-scaled) scores give the same log-probs."""
+    model, tokenizer = tiny
+    prompts = ["7+5*3-9\n", "1+1\n", "9*9-8+1+2\n"]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    torch.manual_seed(0)
+    out = model.generate(**enc, do_sample=True, temperature=0.8, top_k=0, top_p=1.0, max_new_tokens=20,
+                         output_scores=True, return_dict_in_generate=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    P = enc["input_ids"].shape[1]
+    batch = common._finish(tokenizer, enc["input_ids"], enc["attention_mask"], out.sequences[:, P:])
+    scores = torch.stack(out.scores, 1)  # [N, T, V], already divided by the temperature
+    from_generate = torch.gather(F.log_softmax(scores, -1), 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        ours = common.token_logprobs(model, batch, temperature=0.8)
+    assert torch.allclose(from_generate * batch.completion_mask, ours, atol=1e-4)

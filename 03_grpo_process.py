@@ -1,0 +1,336 @@
+"""Lesson 03: GRPO with process supervision (DeepSeekMath, section 4.1).
+
+Outcome supervision (lesson 02) gives one reward per output, at its end, and every token of the output
+gets the same advantage: a solution that went wrong at its last step is blamed as much at its first,
+correct, step. Process supervision rewards each reasoning step at the token where that step ends, so a
+token is credited for the steps that come after it, not for those before.
+
+Process supervision. The verifier grades every step (here: every line; the "#### answer" line counts
+as the last step). For a group of G outputs of one question,
+
+    R = {{r_1^index(1) .. r_1^index(K_1)}, .., {r_G^index(1) .. r_G^index(K_G)}}
+
+with index(j) the token where step j ends and K_i the number of steps of o_i. Every step reward is
+normalised with the mean and std of ALL step rewards of the group (not per output):
+
+    r~_i^index(j) = (r_i^index(j) - mean(R)) / std(R)
+
+and a token's advantage is the sum of the normalised rewards of its step and every later step:
+
+    A_{i,t} = sum over j with index(j) >= t of r~_i^index(j)
+
+Tokens after the last step (the EOS) get A = 0. An output with no step at all (an immediate EOS) gets
+one step of reward 0 at its last token, so a degenerate sample is punished rather than ignored. A group
+whose step rewards are all equal carries no signal: its advantages are 0 (as in lesson 02).
+
+The rest is GRPO exactly as in lesson 02, repeated here so that this file reads alone.
+Eq. (3), the GRPO objective, maximised for mu iterations on each sampled batch:
+
+    J_GRPO(theta) = E[ 1/G sum_i 1/|o_i| sum_t { min( ratio_{i,t} A_{i,t},
+                                                      clip(ratio_{i,t}, 1-eps, 1+eps) A_{i,t} )
+                                                 - beta * D_KL[pi_theta || pi_ref] } ]
+    ratio_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
+
+Eq. (4), the KL estimator ("k3"), unbiased and never negative, in the loss rather than the reward:
+
+    D_KL[pi_theta || pi_ref] = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1     (per token)
+
+The step rewards come from the task's exact verifier (a line is right when it applies the problem's
+next operation to the previous line's result and computes it exactly), standing in for the paper's
+process reward model. pi_ref is the SFT model and stays frozen.
+
+Run:  python 03_grpo_process.py                      GRPO with process supervision (the default)
+      python 03_grpo_process.py --supervision both   outcome and process, each from pi_sft, same seed
+                                                     and budget, in one table
+(python 03_grpo_process.py --help lists every knob.) The table has greedy accuracy, Maj@K, Pass@K,
+OOD accuracy and the per-step error rate of greedy outputs (wrong lines among all lines) on the test
+and OOD splits. Metrics go to runs/03_grpo_process/seed<seed>/<supervision>/metrics.jsonl, the trained
+model beside them.
+"""
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import common
+
+SUPERVISIONS = ("outcome", "process", "both")
+
+
+@dataclass
+class Args:
+    supervision: str = field(default="process", metadata={
+        "help": "process (a reward per step), outcome (a reward per output, lesson 02), or both: "
+                "train each from pi_sft with the same seed and budget and compare them in one table"})
+    model: str = field(default="tiny", metadata={"help": "'tiny' (built in), or a causal LM folder / hub id"})
+    sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)"})
+    seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    steps: int = field(default=100, metadata={"help": "sampled batches; each gives mu policy updates"})
+    batch_size: int = field(default=16, metadata={"help": "questions per step"})
+    group_size: int = field(default=8, metadata={"help": "G: outputs sampled per question"})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the policy"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear learning-rate warm-up: Adam's first "
+                                                            "steps are full-size even when the gradient is noise"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient beta of eq. (3)"})
+    clip_eps: float = field(default=0.2, metadata={"help": "clip range epsilon of eq. (3)"})
+    mu: int = field(default=1, metadata={"help": "GRPO iterations per sampled batch (1 in the paper)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest completion"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    eval_test: int = field(default=200, metadata={"help": "test problems evaluated before and after"})
+    eval_ood: int = field(default=200, metadata={"help": "out-of-distribution (longer) problems evaluated"})
+    k: int = field(default=8, metadata={"help": "K of Maj@K and Pass@K"})
+    out_dir: str = field(default="", metadata={"help": "where metrics.jsonl and the model go, one folder per "
+                                                        "supervision (default runs/03_grpo_process/seed<seed>)"})
+    cache_dir: str = field(default="", metadata={"help": "where SFT models are cached (default ./cache)"})
+
+
+def check_args(args: Args):
+    if args.supervision not in SUPERVISIONS:
+        common.fail(f"--supervision {args.supervision!r}: use one of {', '.join(SUPERVISIONS)}")
+    if args.group_size < 2:
+        common.fail(f"--group_size {args.group_size}: GRPO needs at least 2 outputs per question to form a baseline")
+    if args.beta < 0:
+        common.fail(f"--beta {args.beta}: the KL coefficient must be >= 0")
+    if not 0 <= args.clip_eps < 1:
+        common.fail(f"--clip_eps {args.clip_eps}: the clip range must be in [0, 1)")
+    if args.mu < 1:
+        common.fail(f"--mu {args.mu}: at least one GRPO iteration per batch")
+    if args.warmup_steps < 0:
+        common.fail(f"--warmup_steps {args.warmup_steps}: must be >= 0")
+    for name in ("steps", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            common.fail(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.temperature <= 0:
+        common.fail(f"--temperature {args.temperature}: must be > 0 (GRPO samples, it does not decode greedily)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Process supervision: a reward per step, at the token where the step ends
+
+
+def step_rewards(problems: list, batch: common.Batch, group_size: int) -> tuple[list, list]:
+    """R of the paper and the index(j) of every step: two lists of N lists, ragged (K_i steps for o_i).
+
+    r_i^index(j) = 1 if the verifier says line j of o_i is a correct step, else 0; the final-answer
+    line is the last step. index(j) = the completion position of the token that ends line j
+    (Batch.step_ends, aligned with verify()'s "steps"). An output with no line at all gets one step
+    of reward 0 at its last completion token (its EOS), so that it is punished, not ignored.
+    """
+    last_token = (batch.completion_mask.sum(1) - 1).tolist()  # [N]
+    rewards, index = [], []
+    for i, (text, ends) in enumerate(zip(batch.texts, batch.step_ends)):
+        steps = common.verify(problems[i // group_size], text)["steps"]
+        if steps:
+            rewards.append([float(ok) for ok in steps])
+            index.append(list(ends))
+        else:
+            rewards.append([0.0])
+            index.append([last_token[i]])
+    return rewards, index
+
+
+def grpo_process_advantages(rewards: list, index: list, group_size: int, T: int) -> torch.Tensor:
+    """A_{i,t} = sum over j with index(j) >= t of r~_i^index(j).  # [N, T]
+
+    rewards, index: N ragged lists from step_rewards(); rows i*G..i*G+G-1 are one group. Each step
+    reward is normalised with the mean and (population) std of all step rewards of its group, R in the
+    paper; a group whose step rewards are all equal gets advantages 0. Vectorised: no loop over tokens.
+    """
+    # Flatten R: one entry per step, with the output (row) it belongs to and its end token index(j).
+    row = torch.tensor([i for i, r_i in enumerate(rewards) for _ in r_i])  # [S] S = all steps of the batch
+    r = torch.tensor([x for r_i in rewards for x in r_i], dtype=torch.float32)  # [S]
+    end = torch.tensor([e for index_i in index for e in index_i])  # [S]
+    group = row // group_size  # [S]
+    n_groups = len(rewards) // group_size
+
+    # mean(R) and std(R) over all the steps of each group, whatever output they belong to
+    count = torch.zeros(n_groups).index_add_(0, group, torch.ones_like(r))  # [n_groups]
+    mean = torch.zeros(n_groups).index_add_(0, group, r) / count
+    std = (torch.zeros(n_groups).index_add_(0, group, (r - mean[group]) ** 2) / count).sqrt()
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    normalised = torch.where(std[group] > 0, (r - mean[group]) / safe[group], torch.zeros_like(r))  # r~  [S]
+
+    # Put each r~_i^index(j) on its token index(j) (accumulate: one token may end two lines of a hub
+    # tokenizer's "\n\n"), then sum from the right: position t collects every step that ends at or after t.
+    placed = torch.zeros(len(rewards), T).index_put_((row, end), normalised, accumulate=True)  # [N, T]
+    return placed.flip(1).cumsum(1).flip(1)  # [N, T]; 0 after the last step end
+
+
+# ----------------------------------------------------------------------------------------------------
+# Outcome supervision, as in lesson 02 (the --supervision outcome baseline)
+
+
+def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tensor:
+    """r_i: 1 if output i's final answer is right, else 0.  # [B*G]"""
+    return torch.tensor([float(common.verify(problems[i // group_size], t)["correct"]) for i, t in enumerate(texts)])
+
+
+def grpo_outcome_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """r~_i = (r_i - mean(r)) / std(r) within each group of G; 0 for a group whose rewards are all equal.
+
+    rewards: [B*G], rows i*G..i*G+G-1 one group. Returns [B*G], the A_{i,t} of every token of o_i.
+    std is the group's own (population) standard deviation.
+    """
+    r = rewards.view(-1, group_size)  # [B, G]
+    mean = r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True, unbiased=False)
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, (r - mean) / safe, torch.zeros_like(r)).view(-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GRPO, as in lesson 02
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """eq. (4): D_KL = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1, per token, >= 0."""
+    log_ratio = ref_logp - logp
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta: float):
+    """-J_GRPO of eq. (3) and its statistics.
+
+    logp, old_logp, ref_logp: [N, T] log-probs of the sampled tokens under pi_theta, pi_old, pi_ref;
+    advantages: [N, T] A_{i,t}; mask: [N, T] 1 on completion tokens (up to and including EOS).
+    """
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)  # [N, T]
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    kl = kl_k3(logp, ref_logp)  # [N, T]
+    per_token = surrogate - beta * kl
+    per_output = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # 1/|o_i| sum_t
+    objective = per_output.mean()  # 1/G sum_i, and the mean over questions
+    n = mask.sum().clamp(min=1)
+    stats = {
+        "kl": ((kl * mask).sum() / n).item(),
+        "clip_frac": ((((ratio - 1).abs() > clip_eps).float() * mask).sum() / n).item(),
+    }
+    return -objective, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Where the errors are: the per-step error rate of greedy outputs
+
+
+@torch.no_grad()
+def step_error_rates(model, tokenizer, n_test: int, n_ood: int, max_new_tokens: int, chunk: int = 256) -> dict:
+    """Share of wrong lines (steps, final-answer line included) among all lines of greedy outputs."""
+    result = {}
+    for split, n in (("test", n_test), ("ood", n_ood)):
+        problems = common.make_split(split, n)
+        wrong = total = 0
+        for i in range(0, n, chunk):
+            part = problems[i:i + chunk]
+            out = common.sample(model, tokenizer, [common.prompt_text(p) for p in part], greedy=True,
+                                max_new_tokens=max_new_tokens)
+            for p, text in zip(part, out.texts):
+                steps = common.verify(p, text)["steps"] or [False]  # no line at all: one wrong step
+                wrong += steps.count(False)
+                total += len(steps)
+        if n:
+            result[f"{split}_step_err"] = wrong / total
+    return result
+
+
+def train(policy, ref_policy, tokenizer, args: Args, supervision: str, out_dir: str, device):
+    """The GRPO loop with outcome or process supervision; writes out_dir/metrics.jsonl."""
+    common.set_seed(args.seed)  # both supervisions see the same questions from the same random state
+    problems = common.train_problems(args.seed)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps)))
+    log = common.MetricsLog(out_dir)
+    G = args.group_size
+    bar = tqdm(range(1, args.steps + 1), desc=f"GRPO ({supervision})")
+    for step in bar:
+        t0 = time.time()
+        batch_problems = [next(problems) for _ in range(args.batch_size)]
+        # pi_old <- pi_theta; sample G outputs o_i ~ pi_old(.|q) for each question q
+        batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], G,
+                              args.temperature, args.max_new_tokens)
+        T = batch.completion_ids.shape[1]
+        outcome = outcome_rewards(batch_problems, batch.texts, G).to(device)  # r_i  [B*G]
+        R, index = step_rewards(batch_problems, batch, G)  # r_i^index(j) and index(j), K_i of each
+        if supervision == "process":
+            advantages = grpo_process_advantages(R, index, G, T).to(device)  # [B*G, T]
+        else:
+            advantages = grpo_outcome_advantages(outcome, G)[:, None].expand(-1, T)  # [B*G, T]: A_{i,t} = r~_i
+        with torch.no_grad():
+            old_logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+            ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [B*G, T]
+        policy.train()
+        for _ in range(args.mu):
+            logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+            loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, batch.completion_mask,
+                                    args.clip_eps, args.beta)
+            optimizer.zero_grad()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+        policy.eval()
+        warmup.step()
+
+        # Steps are counted in both modes, so the two logs can be compared line for line. A group with
+        # no signal is one whose advantages are all zero (equal rewards, or equal step rewards).
+        n_steps = sum(len(r_i) for r_i in R)
+        step_acc = sum(sum(r_i) for r_i in R) / n_steps
+        zero_adv = (advantages.reshape(-1, G * T) == 0).all(1).float().mean().item()
+        mean_reward = outcome.mean().item() if supervision == "outcome" else step_acc
+        record = {"step": step, "reward": mean_reward, "accuracy": outcome.mean().item(), "step_acc": step_acc,
+                  "steps_per_output": n_steps / len(R), "kl": stats["kl"], "clip_frac": stats["clip_frac"],
+                  "loss": loss.item(), "grad_norm": grad_norm.item(), "zero_adv_groups": zero_adv,
+                  "completion_len": batch.completion_mask.sum(1).float().mean().item(),
+                  "step_time": time.time() - t0}
+        log.write(record)
+        bar.set_postfix(acc=f"{record['accuracy']:.2f}", step_acc=f"{step_acc:.2f}",
+                        steps=f"{record['steps_per_output']:.1f}", kl=f"{record['kl']:.4f}",
+                        zero_adv=f"{zero_adv:.2f}")
+    return log
+
+
+def main(argv=None):
+    args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    check_args(args)
+    started = time.time()
+    device = common.resolve_device(args.device)
+    common.set_seed(args.seed)
+    out_dir = args.out_dir or f"runs/03_grpo_process/seed{args.seed}"
+    load = lambda: common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
+
+    policy, tokenizer = load()
+    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the SFT model, frozen
+
+    def evaluate(model):
+        return {**common.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
+                                  args.max_new_tokens),
+                **step_error_rates(model, tokenizer, args.eval_test, args.eval_ood, args.max_new_tokens)}
+
+    before = evaluate(policy)
+    print(common.results_table({"SFT model": before}))
+    rows, after = {"SFT model": before}, {}
+    supervisions = ["outcome", "process"] if args.supervision == "both" else [args.supervision]
+    for n, supervision in enumerate(supervisions):
+        if n > 0:
+            policy, _ = load()  # a fresh pi_sft from the cache: every supervision starts from the same weights
+        log = train(policy, ref_policy, tokenizer, args, supervision, f"{out_dir}/{supervision}", device)
+        after[supervision] = evaluate(policy)
+        policy.save_pretrained(f"{out_dir}/{supervision}/model")
+        tokenizer.save_pretrained(f"{out_dir}/{supervision}/model")
+        log.write({"final": True, "before": before, "after": after[supervision],
+                   "wall_time": time.time() - started})
+        rows[f"after GRPO ({supervision})"] = after[supervision]
+
+    print(f"\nGRPO with {' and '.join(supervisions)} supervision, {args.steps} steps of {args.batch_size} "
+          f"questions x G={args.group_size} each, seed {args.seed}, on {device}, {time.time() - started:.0f}s")
+    print(common.results_table(rows))
+    return {"before": before, "after": after, "out_dir": out_dir}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,604 @@
+"""Lesson 05: SFT, RFT, DPO, Online RFT, PPO and GRPO as one gradient (DeepSeekMath, section 5.2).
+
+The paper writes every one of these methods as the same gradient, eq. (5):
+
+    grad J_A(theta) = E[(q,o) ~ D] ( 1/|o| sum_t GC_A(q, o, t, pi_rf) * grad log pi_theta(o_t | q, o_<t) )
+
+Three things tell the methods apart: the data source D, the reward function pi_rf, and the gradient
+coefficient GC that the algorithm A makes from them:
+
+    method      data source                          reward  gradient coefficient GC
+    SFT         q, o ~ P_sft (demonstrations)        none    1
+    RFT         q ~ P_sft, o ~ pi_sft, offline       rule    I(o): 1 if the answer is right, else 0
+    DPO         q ~ P_sft, o+, o- ~ pi_sft, offline  rule    beta * sigma(beta*lr(o-) - beta*lr(o+)), + for o+, - for o-
+    Online RFT  q ~ P_sft, o ~ pi_theta, online      rule    I(o)
+    PPO         q ~ P_sft, o ~ pi_theta, online      rule    A_t (GAE with a value model)
+    GRPO        q ~ P_sft, {o_i} ~ pi_theta, online  rule    A_{i,t} + beta * (pi_ref/pi_theta - 1)
+
+    lr(o) = 1/|o| sum_t log pi_theta(o_t)/pi_ref(o_t), the per-token-averaged log-ratio of the paper's
+    DPO (appendix A.1.3); the table in the paper leaves out the constant beta in front of DPO's sigma.
+
+So this file has ONE update, `unified_loss`: the loss whose gradient is eq. (5),
+
+    loss = -1/n sum_o 1/|o| sum_t stopgrad(GC_t) * log pi_theta(o_t)
+
+and each method is a few lines in `train_method` that supply its data and call its `gc_*` function.
+The tests check, for every method, that autograd's gradient of the method's own loss (the SFT
+cross-entropy, the RFT objective, the DPO loss, eq. (1) and eq. (3) with pi_old = pi_theta) is the
+gradient of `unified_loss` with that GC. GRPO's GC is where eq. (3) and eq. (4) meet: at pi_old = pi_theta
+the clipped ratio has gradient A_{i,t} grad log pi_theta, and the k3 KL
+pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 has gradient (1 - pi_ref/pi_theta) grad log pi_theta.
+
+Then the paper's comparison at small scale: every method starts from the same SFT model, makes the
+same number of policy updates, each from the same number of outputs (batch_size questions x
+group_size outputs; SFT uses as many demonstrations), over several seeds. It prints the test-accuracy
+curve, a final table (greedy, Maj@K, Pass@K, OOD), the cost of PPO against GRPO, and checks the
+paper's findings one by one.
+
+Choices made here, to keep every method comparable and the run short:
+- every method is rewarded by the task's exact verifier (the paper's PPO and GRPO use a reward model;
+  lesson 04 learns one); GRPO+PS uses the verifier's per-step grades as process rewards.
+- one policy update per batch (pi_old = pi_theta), as the table assumes: the clip never acts.
+- PPO has a value model as large as the policy (the SFT backbone with a scalar head), the per-token
+  KL reward of eq. (2), GAE, and advantages whitened over the batch (as cleanrl does).
+- RFT and DPO sample their data from pi_sft once, before training, as many outputs as the online
+  methods sample in all; DPO pairs a right with a wrong output of the same question.
+
+Run:  python 05_unified.py                      (about 15-25 minutes on a 2-core laptop CPU)
+      python 05_unified.py --methods rft,online_rft --seeds 0
+It writes runs/05_unified/seed<seed>/metrics.jsonl, one line per update with a "method" field.
+"""
+
+import copy
+import inspect
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+import common
+
+# name on the command line -> (name in the tables, data source, reward)
+METHODS = {
+    "sft": ("SFT", "q, o ~ P_sft(Q, O): demonstrations", "none"),
+    "rft": ("RFT", "q ~ P_sft(Q), o ~ pi_sft(O|q): offline", "rule"),
+    "dpo": ("DPO", "q ~ P_sft(Q), o+, o- ~ pi_sft(O|q): offline pairs", "rule"),
+    "online_rft": ("Online RFT", "q ~ P_sft(Q), o ~ pi_theta(O|q): online", "rule"),
+    "ppo": ("PPO", "q ~ P_sft(Q), o ~ pi_theta(O|q): online", "rule (outcome) + KL, eq. (2)"),
+    "grpo_os": ("GRPO+OS", "q ~ P_sft(Q), {o_i} ~ pi_theta(O|q): online", "rule (outcome)"),
+    "grpo_ps": ("GRPO+PS", "q ~ P_sft(Q), {o_i} ~ pi_theta(O|q): online", "rule (per step)"),
+}
+
+
+@dataclass
+class Args:
+    methods: str = field(default=",".join(METHODS), metadata={"help": "comma-separated subset of " + ",".join(METHODS)})
+    seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds; every method runs once per seed"})
+    model: str = field(default="tiny", metadata={"help": "'tiny' (built in), or a causal LM folder / hub id"})
+    sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    steps: int = field(default=60, metadata={"help": "policy updates per method (one batch each)"})
+    batch_size: int = field(default=16, metadata={"help": "questions per update"})
+    group_size: int = field(default=4, metadata={"help": "outputs per question (G of GRPO); SFT takes "
+                                                         "batch_size x group_size demonstrations"})
+    lr: float = field(default=5e-5, metadata={"help": "Adam learning rate of the policy, the same for every method"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient: in GRPO's loss (eq. 3) and PPO's reward (eq. 2)"})
+    dpo_beta: float = field(default=0.1, metadata={"help": "beta of the DPO loss"})
+    value_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of PPO's value model"})
+    gamma: float = field(default=1.0, metadata={"help": "PPO discount gamma of GAE"})
+    lam: float = field(default=0.95, metadata={"help": "PPO lambda of GAE"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest completion"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    eval_every: int = field(default=20, metadata={"help": "updates between test-accuracy checks (0: none)"})
+    eval_curve: int = field(default=100, metadata={"help": "test problems of each check (greedy accuracy)"})
+    eval_test: int = field(default=200, metadata={"help": "test problems of the final evaluation"})
+    eval_ood: int = field(default=200, metadata={"help": "out-of-distribution (longer) problems of the final evaluation"})
+    k: int = field(default=8, metadata={"help": "K of Maj@K and Pass@K"})
+    out_dir: str = field(default="", metadata={"help": "each seed writes <out_dir>/seed<seed>/metrics.jsonl "
+                                                       "(default runs/05_unified)"})
+    cache_dir: str = field(default="", metadata={"help": "where SFT models are cached (default ./cache)"})
+    report_only: bool = field(default=False, metadata={"help": "train nothing: print the tables and findings from "
+                                                                "the metrics.jsonl of --seeds under --out_dir"})
+
+
+def parse_list(text: str, what: str, cast=str) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        items = [cast(t) for t in items]
+    except ValueError:
+        common.fail(f"--{what} {text!r}: give a comma-separated list")
+    if not items:
+        common.fail(f"--{what} is empty")
+    return items
+
+
+def check_args(args: Args):
+    for m in parse_list(args.methods, "methods"):
+        if m not in METHODS:
+            common.fail(f"--methods: unknown method {m!r}; choose from {','.join(METHODS)}")
+    parse_list(args.seeds, "seeds", int)
+    if args.group_size < 2:
+        common.fail(f"--group_size {args.group_size}: GRPO and DPO need at least 2 outputs per question")
+    for name in ("steps", "batch_size", "max_new_tokens", "eval_curve"):
+        if getattr(args, name) < 1:
+            common.fail(f"--{name} {getattr(args, name)}: must be >= 1")
+    for name in ("eval_every", "eval_test", "eval_ood", "k"):
+        if getattr(args, name) < 0:
+            common.fail(f"--{name} {getattr(args, name)}: must be >= 0")
+    if args.beta < 0 or args.dpo_beta <= 0:
+        common.fail(f"--beta {args.beta} must be >= 0 and --dpo_beta {args.dpo_beta} > 0")
+    if args.temperature <= 0:
+        common.fail(f"--temperature {args.temperature}: must be > 0")
+    if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
+        common.fail(f"--gamma {args.gamma} and --lam {args.lam} must be in [0, 1]")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The one update: eq. (5) as a loss
+
+
+def unified_loss(logp, mask, gc, n_samples=None):
+    """eq. (5): the loss whose gradient is -1/n sum_o 1/|o| sum_t GC_t * grad log pi_theta(o_t).
+
+    logp: [N, T] log pi_theta of the output tokens (with grad); mask: [N, T] 1 on output tokens;
+    gc: [N, T] the gradient coefficient, a constant (detached); n_samples: how many draws from the data
+    source the N outputs are (N, except for DPO, whose every draw is a pair of outputs).
+    """
+    mask = mask.float()
+    per_output = (gc.detach() * logp * mask).sum(1) / mask.sum(1).clamp(min=1)  # 1/|o| sum_t GC_t log pi
+    n = per_output.shape[0] if n_samples is None else n_samples
+    return -per_output.sum() / n
+
+
+# ----------------------------------------------------------------------------------------------------
+# The gradient coefficients, one per row of the table. Each returns [N, T].
+
+
+def gc_sft(mask):
+    return torch.ones_like(mask, dtype=torch.float)  # SFT: GC = 1
+
+
+def gc_rft(correct, mask):
+    return correct.float()[:, None] * mask  # RFT and Online RFT: GC = I(o)
+
+
+def gc_dpo(logp, ref_logp, mask, n_pairs, beta):
+    """Rows 0..P-1 are the chosen outputs o+, rows P..2P-1 the rejected o- of the same pairs."""
+    mask = mask.float()
+    lr = ((logp - ref_logp).detach() * mask).sum(1) / mask.sum(1).clamp(min=1)  # 1/|o| sum_t log pi/pi_ref
+    s = torch.sigmoid(beta * lr[n_pairs:] - beta * lr[:n_pairs])  # [P]
+    return beta * torch.cat([s, -s])[:, None] * mask  # DPO: GC = +-beta * sigma(beta*lr(o-) - beta*lr(o+))
+
+
+def gc_ppo(advantages, mask):
+    return advantages * mask  # PPO: GC = A_t
+
+
+def gc_grpo(advantages, logp, ref_logp, mask, beta):
+    return (advantages + beta * (torch.exp(ref_logp - logp.detach()) - 1)) * mask  # GRPO: A + beta*(pi_ref/pi - 1)
+
+
+GC_FUNCTIONS = {"sft": gc_sft, "rft": gc_rft, "dpo": gc_dpo, "online_rft": gc_rft, "ppo": gc_ppo,
+                "grpo_os": gc_grpo, "grpo_ps": gc_grpo}
+
+
+def paradigm_table(methods) -> str:
+    """The table of section 5.2, with the line of this file that makes each GC."""
+    lines = ["| method | data source | reward | code of the gradient coefficient GC |", "|---|---|---|---|"]
+    for m in methods:
+        name, source, reward = METHODS[m]
+        code = [s.strip() for s in inspect.getsource(GC_FUNCTIONS[m]).splitlines() if s.strip().startswith("return")]
+        lines.append(f"| {name} | {source} | {reward} | `{GC_FUNCTIONS[m].__name__}: {code[-1].split('  #')[0]}` |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rewards and advantages (repeated from lessons 01-03 on purpose: each lesson is whole)
+
+
+def outcome_rewards(problems, texts, group_size):
+    """I(o_i) = r_i: 1 if output i's final answer is right, else 0.  # [B*G]"""
+    return torch.tensor([float(common.verify(problems[i // group_size], t)["correct"]) for i, t in enumerate(texts)])
+
+
+def grpo_outcome_advantages(rewards, group_size):
+    """Outcome supervision: A_{i,t} = r~_i = (r_i - mean(r)) / std(r) within each group; 0 if all equal.  # [B*G]"""
+    r = rewards.view(-1, group_size)  # [B, G]
+    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True, unbiased=False)
+    return torch.where(std > 0, (r - mean) / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(r)).view(-1)
+
+
+def grpo_process_advantages(problems, batch, group_size):
+    """Process supervision: A_{i,t} = sum of r~_i^index(j) over the steps j with index(j) >= t.  # [B*G, T]
+
+    Step j of output i is its j-th line, graded by the verifier; index(j) = batch.step_ends[i][j].
+    r~ = (r - mean(R)) / std(R), with the mean and std of ALL step rewards R of the group.
+    """
+    N, T = batch.completion_ids.shape
+    advantages = torch.zeros(N, T)  # [B*G, T]
+    for q in range(N // group_size):
+        rows = range(q * group_size, (q + 1) * group_size)
+        steps = {i: [float(s) for s in common.verify(problems[q], batch.texts[i])["steps"]] for i in rows}
+        R = torch.tensor([r for i in rows for r in steps[i]])
+        if len(R) == 0 or R.std(unbiased=False) == 0:
+            continue  # no step, or every step graded the same: no signal in this group
+        mean, std = R.mean(), R.std(unbiased=False)
+        for i in rows:
+            for r, end in zip(steps[i], batch.step_ends[i]):
+                advantages[i, :end + 1] += (r - mean) / std  # every token t <= index(j) gets step j's reward
+    return advantages.to(batch.completion_mask.device) * batch.completion_mask
+
+
+class ValueModel(torch.nn.Module):
+    """V_psi of PPO: a copy of the policy's backbone with a scalar head, as large as the policy."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.backbone = copy.deepcopy(policy.base_model)
+        self.head = torch.nn.Linear(policy.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch):
+        """V(s_t), the value of the state before output token t.  # [N, T]"""
+        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)  # [N, P+T]
+        attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        P = batch.prompt_ids.shape[1]
+        return self.head(hidden[:, P - 1:-1].float()).squeeze(-1) * batch.completion_mask  # [N, T]
+
+
+def ppo_token_rewards(outcome, logp, ref_logp, mask, beta):
+    """eq. (2): r_t = r_phi(q, o) at the last token - beta * log(pi_theta(o_t) / pi_ref(o_t)) at every token.  # [N, T]"""
+    mask = mask.float()
+    rewards = -beta * (logp - ref_logp) * mask
+    last = mask.sum(1).long().clamp(min=1) - 1  # [N]
+    rewards[torch.arange(len(last)), last] += outcome
+    return rewards
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalised advantage estimation (eq. 1's A_t), written as the plain backward loop.
+
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),  A_t = delta_t + gamma * lam * A_{t+1}; V after the last token is 0.
+    Returns advantages and returns = A_t + V(s_t), both [N, T].
+    """
+    mask = mask.float()
+    N, T = rewards.shape
+    advantages = torch.zeros(N, T, device=rewards.device)
+    lastgaelam = torch.zeros(N, device=rewards.device)
+    for t in reversed(range(T)):
+        nextnonterminal = mask[:, t + 1] if t + 1 < T else torch.zeros(N, device=rewards.device)
+        nextvalues = values[:, t + 1] if t + 1 < T else torch.zeros(N, device=rewards.device)
+        delta = rewards[:, t] + gamma * nextvalues * nextnonterminal - values[:, t]
+        lastgaelam = delta + gamma * lam * nextnonterminal * lastgaelam
+        advantages[:, t] = lastgaelam
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def whiten(x, mask):
+    mask = mask.float()
+    mean = (x * mask).sum() / mask.sum()
+    var = (((x - mean) * mask) ** 2).sum() / mask.sum()
+    return (x - mean) / torch.sqrt(var + 1e-8) * mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data sources
+
+
+def select(batch, rows):
+    """The rows `rows` of a Batch, in that order."""
+    idx = torch.tensor(rows, dtype=torch.long, device=batch.completion_ids.device)
+    return common.Batch(batch.prompt_ids[idx], batch.prompt_mask[idx], batch.completion_ids[idx],
+                        batch.completion_mask[idx], [batch.texts[i] for i in rows], [batch.step_ends[i] for i in rows])
+
+
+def demonstrations(tokenizer, problems, device):
+    """SFT's data source: the reference solutions."""
+    return common.build_batch(tokenizer, [common.prompt_text(p) for p in problems],
+                              [common.solution_text(p) for p in problems], device)
+
+
+def offline_data(sft_model, tokenizer, args, seed):
+    """RFT's and DPO's data source: every batch sampled ONCE from pi_sft, before any training.
+
+    As many outputs as an online method samples over the whole run, from the same questions.
+    """
+    common.set_seed(seed)
+    problems = common.train_problems(seed)
+    data = []
+    for _ in tqdm(range(args.steps), desc="sampling offline data from pi_sft", leave=False):
+        batch_problems = [next(problems) for _ in range(args.batch_size)]
+        batch = common.sample(sft_model, tokenizer, [common.prompt_text(p) for p in batch_problems],
+                              args.group_size, args.temperature, args.max_new_tokens)
+        data.append((batch_problems, batch))
+    return data
+
+
+def dpo_pairs(problems, batch, group_size):
+    """(chosen rows, rejected rows): each question pairs its right outputs with its wrong ones, one to one."""
+    correct = outcome_rewards(problems, batch.texts, group_size)
+    chosen, rejected = [], []
+    for q in range(len(problems)):
+        rows = range(q * group_size, (q + 1) * group_size)
+        right = [i for i in rows if correct[i] == 1]
+        wrong = [i for i in rows if correct[i] == 0]
+        for c, r in zip(right, wrong):
+            chosen.append(c)
+            rejected.append(r)
+    return chosen, rejected
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: one loop for every method
+
+
+def quick_test_accuracy(policy, tokenizer, n, max_new_tokens):
+    problems = common.make_split("test", n)
+    out = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], greedy=True,
+                        max_new_tokens=max_new_tokens)
+    return sum(common.verify(p, t)["correct"] for p, t in zip(problems, out.texts)) / n
+
+
+def state_bytes(models):
+    """Bytes a method keeps to train: every weight, and for trainable ones a gradient and Adam's two moments."""
+    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for m in models for p in m.parameters())
+
+
+def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, offline=None):
+    """`args.steps` updates of `policy` (a copy of pi_sft) by `method`, all through unified_loss.
+
+    sft_model is pi_sft: the reference pi_ref of DPO, PPO and GRPO, frozen. offline: RFT's and DPO's
+    data, sampled from pi_sft before training. Returns the method's costs.
+    """
+    device = next(policy.parameters()).device
+    name = METHODS[method][0]
+    G, B = args.group_size, args.batch_size
+    common.set_seed(seed)
+    problems = common.train_problems(seed)  # the same questions, in the same order, for every method
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    models = [policy]
+    if method in ("dpo", "ppo", "grpo_os", "grpo_ps"):
+        models.append(sft_model)  # pi_ref
+    if method == "ppo":
+        value_model = ValueModel(policy).to(device)
+        value_optimizer = torch.optim.Adam(value_model.parameters(), lr=args.value_lr)
+        models.append(value_model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times = []
+    if log is not None and args.eval_every:
+        log.write({"method": name, "step": 0, "test_greedy": quick_test_accuracy(policy, tokenizer, args.eval_curve,
+                                                                                 args.max_new_tokens)})
+    bar = tqdm(range(1, args.steps + 1), desc=f"{name} seed {seed}", leave=False)
+    for step in bar:
+        t0 = time.time()
+        stats = {}
+        n_samples = None
+        # 1. the data source
+        if method == "sft":
+            batch = demonstrations(tokenizer, [next(problems) for _ in range(B * G)], device)
+        elif method in ("rft", "dpo"):
+            batch_problems, batch = offline[step - 1]  # sampled from pi_sft before training, never again
+        else:
+            batch_problems = [next(problems) for _ in range(B)]
+            batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], G,
+                                  args.temperature, args.max_new_tokens)  # o ~ pi_theta: online
+        if method != "sft":
+            correct = outcome_rewards(batch_problems, batch.texts, G).to(device)  # [B*G] I(o), the rule reward
+            stats["reward"] = correct.mean().item()
+        if method == "dpo":
+            chosen, rejected = dpo_pairs(batch_problems, batch, G)
+            stats["pairs"] = len(chosen)
+            if chosen:
+                batch, n_samples = select(batch, chosen + rejected), len(chosen)
+
+        # 2. the gradient coefficient, from the data and the reward
+        policy.train()
+        logp = common.token_logprobs(policy, batch, args.temperature)  # [N, T], with grad
+        mask = batch.completion_mask
+        if method in ("dpo", "ppo", "grpo_os", "grpo_ps"):
+            with torch.no_grad():
+                ref_logp = common.token_logprobs(sft_model, batch, args.temperature)  # [N, T]
+            stats["kl"] = (((logp.detach() - ref_logp) * mask).sum() / mask.sum().clamp(min=1)).item()  # KL[pi||pi_ref] estimate
+        if method == "sft":
+            gc = gc_sft(mask)
+        elif method in ("rft", "online_rft"):
+            gc = gc_rft(correct, mask)
+        elif method == "dpo":  # no pair (no question with a right and a wrong output): GC = 0, no update
+            gc = gc_dpo(logp, ref_logp, mask, n_samples, args.dpo_beta) if n_samples else torch.zeros_like(logp)
+        elif method == "ppo":
+            values = value_model(batch)  # [N, T]
+            token_rewards = ppo_token_rewards(correct, logp.detach(), ref_logp, mask, args.beta)
+            advantages, returns = gae(token_rewards, values.detach(), mask, args.gamma, args.lam)
+            gc = gc_ppo(whiten(advantages, mask), mask)
+            value_loss = 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum()
+            value_optimizer.zero_grad()
+            value_loss.backward()
+            torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
+            value_optimizer.step()
+            stats["value_loss"] = value_loss.item()
+        elif method == "grpo_os":
+            advantages = grpo_outcome_advantages(correct, G)[:, None] * mask  # [B*G, T]
+            gc = gc_grpo(advantages, logp, ref_logp, mask, args.beta)
+        elif method == "grpo_ps":
+            advantages = grpo_process_advantages(batch_problems, batch, G)  # [B*G, T]
+            gc = gc_grpo(advantages, logp, ref_logp, mask, args.beta)
+
+        # 3. the one update, eq. (5)
+        loss = unified_loss(logp, mask, gc, n_samples)
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        if not (method == "dpo" and not n_samples):
+            optimizer.step()
+        policy.eval()
+        step_times.append(time.time() - t0)
+
+        record = {"method": name, "step": step, **stats, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                  "gc_abs_mean": ((gc.abs() * mask).sum() / mask.sum().clamp(min=1)).item(),
+                  "completion_len": mask.sum(1).float().mean().item(), "step_time": step_times[-1]}
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            record["test_greedy"] = quick_test_accuracy(policy, tokenizer, args.eval_curve, args.max_new_tokens)
+        if log is not None:
+            log.write(record)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("reward", "kl", "loss", "test_greedy")})
+
+    costs = {"time_per_step": statistics.mean(step_times), "state_mb": state_bytes(models) / 2**20,
+             "trainable_params": sum(p.numel() for m in models for p in m.parameters() if p.requires_grad),
+             "models": "+".join(["policy", "pi_ref", "value"][:len(models)])}
+    if device.type == "cuda":
+        costs["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return costs
+
+
+# ----------------------------------------------------------------------------------------------------
+# The comparison and the paper's findings
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def pct(values):
+    m, s = mean_std(values)
+    return f"{100 * m:.1f} ± {100 * s:.1f}%" if len(values) > 1 else f"{100 * m:.1f}%"
+
+
+def findings(final, curves, costs, k):
+    """The paper's findings of section 5.2, each checked on the runs: (finding, reproduced?, numbers)."""
+    out = []
+    mean = lambda xs: statistics.mean(xs)
+    greedy = lambda m: mean([r["test_greedy"] for r in final[m]])
+    if "RFT" in curves and "Online RFT" in curves:
+        steps = sorted(set(curves["RFT"]) & set(curves["Online RFT"]) - {0})
+        if steps:
+            gap = {s: mean(curves["Online RFT"][s]) - mean(curves["RFT"][s]) for s in steps}
+            first, last = steps[0], steps[-1]
+            out.append(("Online RFT overtakes RFT as training goes on", gap[last] > 0 and gap[last] >= gap[first],
+                        f"Online RFT - RFT test accuracy: {100 * gap[first]:+.1f} pts at step {first}, "
+                        f"{100 * gap[last]:+.1f} pts at step {last}"))
+    if "GRPO+OS" in final and "Online RFT" in final:
+        a, b = greedy("GRPO+OS"), greedy("Online RFT")
+        out.append(("GRPO beats Online RFT", a > b, f"greedy test {100 * a:.1f}% vs {100 * b:.1f}%"))
+    if "GRPO+PS" in final and "GRPO+OS" in final:
+        a, b = greedy("GRPO+PS"), greedy("GRPO+OS")
+        out.append(("GRPO+PS beats GRPO+OS", a > b, f"greedy test {100 * a:.1f}% vs {100 * b:.1f}%"))
+    for m in ("GRPO+OS", "GRPO+PS", "PPO", "Online RFT"):
+        if m in final:
+            d_maj = mean([r[f"test_maj@{k}"] - s[f"test_maj@{k}"] for r, s in zip(final[m], final["SFT model"])])
+            d_pass = mean([r[f"test_pass@{k}"] - s[f"test_pass@{k}"] for r, s in zip(final[m], final["SFT model"])])
+            out.append((f"RL ({m}) raises Maj@{k} but not Pass@{k}", d_maj > 0 and d_pass < d_maj,
+                        f"Maj@{k} {100 * d_maj:+.1f} pts, Pass@{k} {100 * d_pass:+.1f} pts vs the SFT model "
+                        f"(counted as reproduced when Maj@{k} rises and Pass@{k} rises less)"))
+            break
+    if "PPO" in costs and "GRPO+OS" in costs:
+        p, g = costs["PPO"], costs["GRPO+OS"]
+        extra = ""
+        if "peak_gpu_mb" in p[0]:
+            extra = f"; peak GPU {mean([c['peak_gpu_mb'] for c in g]):.0f} vs {mean([c['peak_gpu_mb'] for c in p]):.0f} MB"
+        gm, pm = mean([c["state_mb"] for c in g]), mean([c["state_mb"] for c in p])
+        gt, pt = mean([c["time_per_step"] for c in g]), mean([c["time_per_step"] for c in p])
+        out.append(("GRPO needs less memory than PPO (no value model)", gm < pm,
+                    f"weights+grads+Adam {gm:.1f} vs {pm:.1f} MB, time/step {gt:.2f} vs {pt:.2f} s{extra}"))
+    return out
+
+
+def read_runs(out_root, seeds):
+    """The results of every seed, read back from its metrics.jsonl: the report is made from the logs alone."""
+    final, curves, costs = {}, {}, {}  # name -> [result per seed]; name -> step -> [accuracy]; name -> [cost]
+    for seed in seeds:
+        path = Path(out_root) / f"seed{seed}" / "metrics.jsonl"
+        if not path.is_file():
+            common.fail(f"{path} does not exist: run the comparison for seed {seed} first")
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record.get("final"):
+                final.setdefault(record["method"], []).append(record["after"])
+                if record["method"] != "SFT model":
+                    costs.setdefault(record["method"], []).append(record)
+            elif "test_greedy" in record:
+                curves.setdefault(record["method"], {}).setdefault(record["step"], []).append(record["test_greedy"])
+    return final, curves, costs
+
+
+def report(final, curves, costs, args, seeds):
+    cols = list(final["SFT model"][0])
+    print(f"Final evaluation ({args.eval_test} test, {args.eval_ood} OOD problems; mean ± std over seeds {seeds}):\n")
+    print("| model | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
+    for n, results in final.items():
+        print(f"| {n} | " + " | ".join(pct([r[c] for r in results]) for c in cols) + " |")
+    if curves:
+        steps = sorted({s for c in curves.values() for s in c})
+        print(f"\nTest accuracy (greedy, {args.eval_curve} problems) during training, mean over seeds:\n")
+        print("| method | " + " | ".join(f"step {s}" for s in steps) + " |\n" + "|---" * (len(steps) + 1) + "|")
+        for n, c in curves.items():
+            print(f"| {n} | " + " | ".join(f"{100 * statistics.mean(c[s]):.1f}%" if s in c else "" for s in steps) + " |")
+    print("\nCost of each method at the same batch (state = weights + gradients + Adam moments of the models it keeps):\n")
+    gpu = all("peak_gpu_mb" in x for c in costs.values() for x in c)
+    print("| method | models kept | trainable params | state (MB) | time per update (s) |" + (" peak GPU (MB) |" if gpu else "")
+          + "\n|---|---|---|---|---|" + ("---|" if gpu else ""))
+    for n, c in costs.items():
+        print(f"| {n} | {c[0]['models']} | {c[0]['trainable_params']:,} | {statistics.mean(x['state_mb'] for x in c):.1f} | "
+              f"{statistics.mean(x['time_per_step'] for x in c):.2f} |"
+              + (f" {statistics.mean(x['peak_gpu_mb'] for x in c):.0f} |" if gpu else ""))
+    if not gpu:
+        print("(no GPU: peak GPU memory is measured only on CUDA; time per update is wall time on this CPU)")
+    print("\nThe paper's findings (section 5.2), checked on these runs:\n")
+    checked = findings(final, curves, costs, args.k)
+    for claim, ok, numbers in checked:
+        print(f"- [{'reproduced' if ok else 'NOT reproduced'}] {claim}: {numbers}")
+    return checked
+
+
+def main(argv=None):
+    args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    check_args(args)
+    started = time.time()
+    methods = parse_list(args.methods, "methods")
+    seeds = parse_list(args.seeds, "seeds", int)
+    out_root = args.out_dir or "runs/05_unified"
+    print("The unified paradigm, eq. (5): each method is a data source, a reward and a gradient coefficient\n")
+    print(paradigm_table(methods) + "\n")
+    if not args.report_only:
+        device = common.resolve_device(args.device)
+        sft_model, tokenizer = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
+        sft_model.eval().requires_grad_(False)  # pi_sft: the start of every method, pi_ref, and RFT/DPO's sampler
+        evaluate = lambda model: common.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k,
+                                                 args.temperature, args.max_new_tokens)
+        for seed in seeds:
+            log = common.MetricsLog(f"{out_root}/seed{seed}")
+            common.set_seed(seed)
+            log.write({"method": "SFT model", "final": True, "seed": seed, "after": evaluate(sft_model)})
+            offline = None
+            for method in methods:
+                name = METHODS[method][0]
+                if method in ("rft", "dpo") and offline is None:
+                    offline = offline_data(sft_model, tokenizer, args, seed)  # shared by RFT and DPO of this seed
+                policy = copy.deepcopy(sft_model).requires_grad_(True)
+                cost = train_method(method, policy, sft_model, tokenizer, args, seed, log, offline)
+                common.set_seed(seed)
+                result = evaluate(policy)
+                log.write({"method": name, "final": True, "seed": seed, "after": result, **cost})
+                print(f"seed {seed} {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.items())
+                      + f", {cost['time_per_step']:.2f} s/update")
+                del policy
+        print(f"\nThe comparison: {len(methods)} methods x {len(seeds)} seeds, {args.steps} updates of "
+              f"{args.batch_size} questions x {args.group_size} outputs each, on {device}, {time.time() - started:.0f}s")
+    final, curves, costs = read_runs(out_root, seeds)
+    checked = report(final, curves, costs, args, seeds)
+    return {"final": final, "curves": curves, "costs": costs, "findings": checked, "out_dir": out_root}
+
+
+if __name__ == "__main__":
+    main()

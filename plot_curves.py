@@ -1,0 +1,145 @@
+"""Learning curves from one or more metrics.jsonl files, drawn to a PNG.
+
+Each lesson writes runs/<lesson>/.../metrics.jsonl: one JSON object per training step
+({"step": 1, "reward": ..., "accuracy": ..., "kl": ...}) and a last {"final": true, ...} line.
+This script draws one panel per metric and one line per file, labelled by the file's folder.
+Lines that carry a "method" key (lesson 05: SFT, RFT, DPO, PPO, GRPO+OS, ...) are split into
+one line per method, so the methods can be compared in the same panel.
+
+Run:  python plot_curves.py runs/02_grpo_outcome/seed*/metrics.jsonl --out figures/02_grpo_outcome.png
+      python plot_curves.py runs/02_grpo_outcome/seed*/metrics.jsonl --mean   (adds the mean over seeds)
+      python plot_curves.py runs/05_unified/seed0/metrics.jsonl --metrics reward test_greedy
+
+Needs matplotlib, which the lessons do not: pip install matplotlib
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Draw learning curves from metrics.jsonl files to a PNG.")
+    parser.add_argument("files", nargs="+", help="metrics.jsonl files; each is labelled by its parent folder")
+    parser.add_argument("--out", default="figures/curves.png", help="the PNG to write (folders are created)")
+    parser.add_argument("--metrics", nargs="+", default=["reward", "accuracy", "kl", "test_greedy"],
+                        help="keys to draw, one panel each; a key no line has is left out")
+    parser.add_argument("--mean", action="store_true",
+                        help="also draw the mean over files (seeds) of each method, as a thick line")
+    parser.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (1: none)")
+    parser.add_argument("--title", default="", help="figure title")
+    return parser.parse_args(argv)
+
+
+def fail(message: str):
+    """Stop with one clear line for the user, not a traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+def read_steps(path: str) -> list[dict]:
+    """The per-step lines of a metrics.jsonl: skips the final line, blank lines and lines with no step."""
+    if not Path(path).is_file():
+        fail(f"{path} is not a file: give the metrics.jsonl files a lesson wrote under runs/")
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            fail(f"{path}, line {n} is not JSON")
+        if isinstance(row, dict) and not row.get("final") and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+    return rows
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def curves(files: list[str], metric: str) -> dict:
+    """{(method, label): ([steps], [values])} for one metric; rows without the metric are skipped."""
+    out = {}
+    for path in files:
+        label = Path(path).parent.name or path
+        for row in read_steps(path):
+            if is_number(row.get(metric)):
+                xs, ys = out.setdefault((row.get("method"), label), ([], []))
+                xs.append(row["step"])
+                ys.append(row[metric])
+    return out
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    # mean of the last `window` values (fewer at the start), so the curve keeps its length
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+
+
+def mean_curve(series: list[tuple]) -> tuple:
+    """Mean over files at each step, over the files that logged that step."""
+    by_step = {}
+    for xs, ys in series:
+        for x, y in zip(xs, ys):
+            by_step.setdefault(x, []).append(y)
+    steps = sorted(by_step)
+    return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.smooth < 1:
+        fail(f"--smooth {args.smooth}: the window must be >= 1")
+    try:  # an optional extra for this script only: the lessons never import it
+        import matplotlib
+        matplotlib.use("Agg")  # draw to a file, no window (works on a server with no display)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        fail("plot_curves.py needs matplotlib: pip install matplotlib")
+
+    panels = {m: curves(args.files, m) for m in args.metrics}
+    panels = {m: c for m, c in panels.items() if c}
+    if not panels:
+        fail(f"no step line in {', '.join(args.files)} has any of: {', '.join(args.metrics)}")
+    # methods and files in the order they first appear, so each keeps its colour in every panel
+    methods = list(dict.fromkeys(method for c in panels.values() for method, _ in c))
+    labels = list(dict.fromkeys(label for c in panels.values() for _, label in c))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    several_files = len(labels) > 1
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (metric, series) in zip(axes[0], panels.items()):
+        for i, method in enumerate(methods):
+            ours = [(label, xs, ys) for (m, label), (xs, ys) in series.items() if m == method]
+            # one colour per method when methods are compared, else one colour per file
+            for label, xs, ys in ours:
+                colour = colours[(i if len(methods) > 1 else labels.index(label)) % len(colours)]
+                shown = (method, label if several_files or method is None else None)
+                name = " ".join(str(p) for p in shown if p is not None)
+                sparse = len(xs) <= 20  # e.g. test_greedy, logged only when the lesson evaluated
+                ax.plot(xs, moving_average(ys, args.smooth), color=colour, marker="o" if sparse else None,
+                        markersize=3, linewidth=1, alpha=0.35 if args.mean and len(ours) > 1 else 1,
+                        label=name)
+            if args.mean and len(ours) > 1:
+                xs, ys = mean_curve([(xs, ys) for _, xs, ys in ours])
+                mean_colour = colours[i % len(colours)] if len(methods) > 1 else "black"
+                ax.plot(xs, moving_average(ys, args.smooth), color=mean_colour, linewidth=2.2,
+                        label=" ".join(p for p in (method, f"mean of {len(ours)}") if p))
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    if args.title:
+        fig.suptitle(args.title)
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {args.out}: {', '.join(panels)} for {len(labels)} file(s)"
+          + (f", methods {', '.join(str(m) for m in methods)}" if methods != [None] else ""))
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Lesson 02: GRPO with outcome supervision, equations (3) and (4)."""
+import math
+import time
+
+import pytest
+import torch
+
+import common
+from conftest import TINY, load_lesson
+
+grpo = load_lesson("02_grpo_outcome")
+
+
+def test_outcome_advantages_worked_example():
+    rewards = torch.tensor([1., 0., 0., 1.,   # mean .5, std .5 -> +-1
+                            1., 1., 1., 1.,   # all equal: no signal, advantage 0
+                            1., 0., 0., 0.])  # mean .25, std sqrt(3)/4
+    adv = grpo.grpo_outcome_advantages(rewards, group_size=4)
+    s = math.sqrt(3) / 4
+    expected = torch.tensor([1., -1., -1., 1., 0., 0., 0., 0., .75 / s, -.25 / s, -.25 / s, -.25 / s])
+    assert torch.allclose(adv, expected, atol=1e-6)
+    assert torch.allclose(adv.view(3, 4).sum(1), torch.zeros(3), atol=1e-6)  # zero mean within each group
+
+
+def test_outcome_rewards_from_the_verifier():
+    problems = [{"question": "1+2", "start": 1, "ops": [("+", 2)], "answer": 3}]
+    rewards = grpo.outcome_rewards(problems, ["1+2=3\n#### 3\n", "1+2=4\n#### 4\n", "garbage", ""], group_size=4)
+    assert rewards.tolist() == [1., 0., 0., 0.]
+
+
+def test_k3_zero_when_equal_and_never_negative():
+    logp = torch.log(torch.rand(1000))
+    assert torch.allclose(grpo.kl_k3(logp, logp), torch.zeros(1000))
+    ref = torch.log(torch.rand(1000))
+    assert (grpo.kl_k3(logp, ref) >= 0).all()
+
+
+def test_k3_is_unbiased_for_the_kl_of_two_categoricals():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])  # pi_theta
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])  # pi_ref
+    exact = (p * (p / q).log()).sum()  # KL(pi_theta || pi_ref)
+    k3 = grpo.kl_k3(p.log(), q.log())  # per outcome
+    assert torch.allclose((p * k3).sum(), exact, atol=1e-6)  # expectation under pi_theta is exact
+    g = torch.Generator().manual_seed(0)
+    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    assert abs(k3[x].mean() - exact) < 0.01  # and so is the sample mean, up to Monte Carlo noise
+
+
+def test_clipped_loss_worked_example():
+    eps = 0.2
+    # four one-token outputs: ratio inside / above / below the clip, both signs of advantage
+    ratio = torch.tensor([[1.1], [1.5], [0.5], [1.5], [0.5]])
+    adv = torch.tensor([[1.], [1.], [1.], [-1.], [-1.]])
+    # min(r A, clip(r) A): 1.1 | clipped to 1.2 | 0.5 (min keeps the unclipped) | -1.5 | clipped to -0.8
+    expected = torch.tensor([1.1, 1.2, 0.5, -1.5, -0.8])
+    old = torch.zeros(5, 1)
+    logp = ratio.log()
+    loss, stats = grpo.grpo_loss(logp, old, logp, adv, torch.ones(5, 1), eps, beta=0.0)
+    assert torch.allclose(loss, -expected.mean(), atol=1e-6)
+    assert stats["clip_frac"] == pytest.approx(4 / 5)
+
+
+def test_loss_normalises_per_output_then_over_outputs_and_adds_kl():
+    # output 0 has 2 tokens, output 1 has 1 token (then padding): 1/G sum_i 1/|o_i| sum_t
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -9.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0], [-0.5, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    adv = torch.tensor([[2.0, 2.0], [-1.0, -1.0]])
+    beta = 0.1
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, 0.2, beta)
+    k3 = lambda lp, lr: math.exp(lr - lp) - (lr - lp) - 1
+    out0 = (2.0 - beta * k3(-1.0, -1.5) + 2.0 - beta * k3(-2.0, -2.0)) / 2
+    out1 = -1.0 - beta * k3(-0.5, -0.5)
+    assert loss.item() == pytest.approx(-(out0 + out1) / 2, abs=1e-6)
+    loss.backward()
+    # at pi_old = pi_theta the surrogate's gradient is A / |o_i| / G; the padded token gets none
+    assert logp.grad[1, 1] == 0
+    assert logp.grad[1, 0].item() == pytest.approx(1.0 / 1 / 2, abs=1e-6)
+
+
+def test_bad_arguments_are_one_line_errors(cache_dir):
+    cases = [(["--group_size", "1"], "--group_size 1"), (["--beta", "-0.1"], "--beta -0.1"),
+             (["--clip_eps", "-0.2"], "--clip_eps -0.2"), (["--device", "gpu0"], "--device 'gpu0'"),
+             (["--model", "./no/such/folder"], "does not exist"), (["--mu", "0"], "--mu 0")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            grpo.main(TINY + ["--cache_dir", cache_dir] + extra)
+
+
+def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):
+    started = time.time()
+    result = grpo.main(TINY + ["--cache_dir", cache_dir, "--out_dir", str(tmp_path)])
+    assert time.time() - started < 60
+    for table in (result["before"], result["after"]):
+        assert set(table) == {"test_greedy", "test_maj@2", "test_pass@2", "ood_greedy"}
+        assert all(0 <= v <= 1 for v in table.values())
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # two steps and the final record
+    assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_qwen2_model_with_byte_level_bpe_runs_through_model_path(tmp_path, cache_dir):
+    """--model PATH: a randomly initialised Qwen2 with its own byte-level BPE tokenizer (no BOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    rng_problems = common.train_problems(5)
+    corpus = []
+    for _ in range(300):
+        p = next(rng_problems)
+        corpus.append(common.prompt_text(p) + common.solution_text(p))
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    text = common.solution_text(next(rng_problems))
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) < len(text) and tokenizer.bos_token is None  # multi-character tokens, no BOS
+    assert tokenizer.decode(ids) == text
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    path = tmp_path / "qwen2-tiny"
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+    result = grpo.main(TINY + ["--cache_dir", cache_dir, "--out_dir", str(tmp_path / "run"), "--model", str(path),
+                               "--sft_steps", "5"])
+    assert set(result["after"]) == {"test_greedy", "test_maj@2", "test_pass@2", "ood_greedy"}
+    # the step ends found from BPE tokens line up with the verifier's lines
+    policy, tok = common.load_policy(str(path), sft_steps=5, cache_dir=cache_dir)
+    assert type(policy).__name__ == "Qwen2ForCausalLM"
+    batch = common.sample(policy, tok, ["7+5*3-9\n"], group_size=8, max_new_tokens=24)
+    for t, ends in zip(batch.texts, batch.step_ends):
+        assert len(ends) == len(common.split_lines(t))
+
+
+def test_a_short_grpo_run_raises_the_reward(sft_policy):
+    """Learning test: 25 GRPO steps on 8 fixed questions raise the reward measured on them (fixed seed)."""
+    import copy
+
+    policy, tokenizer = sft_policy
+    policy = copy.deepcopy(policy)
+    ref_policy = copy.deepcopy(policy).requires_grad_(False)
+    problems = common.make_split("test", 8)
+    args = grpo.Args(group_size=8, lr=2e-4, max_new_tokens=48)
+
+    def reward():  # mean verifier reward of 16 samples per question
+        batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], 16, 1.0, 48)
+        return grpo.outcome_rewards(problems, batch.texts, 16).mean().item()
+
+    common.set_seed(0)
+    before = reward()
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    for _ in range(25):
+        grpo.grpo_step(policy, ref_policy, tokenizer, optimizer, problems, args)
+    after = reward()
+    assert after > before + 0.15, (before, after)

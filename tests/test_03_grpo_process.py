@@ -1,0 +1,155 @@
+"""Lesson 03: process-supervision advantages against hand-worked groups, and the lesson end to end."""
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+from conftest import TINY, load_lesson
+
+lesson = load_lesson("03_grpo_process")
+
+PROBLEM = {"question": "7+5*3-9", "start": 7, "ops": [("+", 5), ("*", 3), ("-", 9)], "answer": 27}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return common.build_char_tokenizer()
+
+
+def reference_advantages(rewards, index, group_size, T):
+    """The equations written out with plain loops: normalise over all steps of the group, then
+    A_{i,t} = sum of r~_i^index(j) over the steps j with index(j) >= t."""
+    A = torch.zeros(len(rewards), T)
+    for g in range(0, len(rewards), group_size):
+        R = [x for r_i in rewards[g:g + group_size] for x in r_i]
+        mean = sum(R) / len(R)
+        std = math.sqrt(sum((x - mean) ** 2 for x in R) / len(R))
+        for i in range(g, g + group_size):
+            for t in range(T):
+                A[i, t] = sum((x - mean) / std for x, e in zip(rewards[i], index[i]) if e >= t) if std > 0 else 0.0
+    return A
+
+
+def test_step_rewards_and_advantages_hand_worked(tokenizer):
+    """Three outputs with 4, 3 and 0 steps: right, wrong from step 2 on, and an immediate EOS."""
+    texts = ["7+5=12\n12*3=36\n36-9=27\n#### 27\n",  # 4 correct steps, ends at tokens 6, 14, 22, 30; EOS at 31
+             "7+5=12\n12*3=35\n#### 35\n",  # right, wrong, wrong answer: ends 6, 14, 22; EOS at 23
+             ""]  # garbage: EOS at once, no step at all
+    batch = common.build_batch(tokenizer, ["7+5*3-9\n"] * 3, texts, "cpu")
+    rewards, index = lesson.step_rewards([PROBLEM], batch, group_size=3)
+    assert rewards == [[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0]]
+    assert index == [[6, 14, 22, 30], [6, 14, 22], [0]]  # the empty output is rewarded at its EOS
+
+    # R has 8 step rewards, five 1s and three 0s: mean 5/8, std sqrt(5/8 * 3/8) = sqrt(15)/8,
+    # so a right step is normalised to +3/sqrt(15) and a wrong one to -5/sqrt(15).
+    T = batch.completion_ids.shape[1]
+    A = lesson.grpo_process_advantages(rewards, index, 3, T)
+    u = 1 / math.sqrt(15)
+    expected = torch.zeros(3, T)
+    expected[0, 0:7], expected[0, 7:15], expected[0, 15:23], expected[0, 23:31] = 12 * u, 9 * u, 6 * u, 3 * u
+    expected[1, 0:7], expected[1, 7:15], expected[1, 15:23] = -7 * u, -10 * u, -5 * u
+    expected[2, 0] = -5 * u
+    assert torch.allclose(A, expected, atol=1e-6)
+    assert torch.allclose(A, reference_advantages(rewards, index, 3, T), atol=1e-6)
+
+
+def test_normalisation_uses_all_step_rewards_of_the_group():
+    # Output 1 has three right steps, output 2 one wrong step. Per output, each is constant (no signal);
+    # over the group R = {1, 1, 1, 0}: mean 3/4 (not the 1/2 of the two outputs' means), std sqrt(3)/4.
+    rewards, index = [[1.0, 1.0, 1.0], [0.0]], [[1, 3, 5], [2]]
+    A = lesson.grpo_process_advantages(rewards, index, 2, 7)
+    right, wrong = (1 - 0.75) / (math.sqrt(3) / 4), (0 - 0.75) / (math.sqrt(3) / 4)
+    assert torch.allclose(A[0], torch.tensor([3 * right, 3 * right, 2 * right, 2 * right, right, right, 0]), atol=1e-6)
+    assert torch.allclose(A[1], torch.tensor([wrong, wrong, wrong, 0, 0, 0, 0]), atol=1e-6)
+    # two groups in one batch are normalised independently of each other
+    other = [[0.0, 1.0], [1.0]]
+    both = lesson.grpo_process_advantages(rewards + other, index + [[0, 4], [6]], 2, 7)
+    assert torch.allclose(both[:2], A, atol=1e-6)
+    changed = lesson.grpo_process_advantages(rewards + [[0.0, 0.0], [0.0]], index + [[0, 4], [6]], 2, 7)
+    assert torch.allclose(changed[:2], A, atol=1e-6)
+
+
+def test_group_with_all_equal_step_rewards_has_zero_advantages():
+    for value in (0.0, 1.0):
+        rewards, index = [[value] * 4, [value] * 2, [value]], [[1, 2, 3, 4], [0, 5], [3]]
+        assert (lesson.grpo_process_advantages(rewards, index, 3, 8) == 0).all()
+    # ... while a group with signal beside it still gets its advantages
+    A = lesson.grpo_process_advantages([[1.0], [1.0], [0.0], [1.0]], [[2], [3], [1], [2]], 2, 4)
+    assert (A[:2] == 0).all() and (A[2:, 0] != 0).all()
+
+
+def test_zero_advantage_after_the_last_step_and_matches_loop_reference():
+    rng = random.Random(0)
+    G, T = 4, 20
+    rewards, index = [], []
+    for _ in range(5 * G):  # 5 groups of outputs with 1..6 steps each, ends increasing within an output
+        K = rng.randint(1, 6)
+        ends = sorted(rng.sample(range(T - 2), K))
+        rewards.append([float(rng.random() < 0.5) for _ in range(K)])
+        index.append(ends)
+    A = lesson.grpo_process_advantages(rewards, index, G, T)
+    assert torch.allclose(A, reference_advantages(rewards, index, G, T), atol=1e-5)
+    for i, ends in enumerate(index):
+        assert (A[i, ends[-1] + 1:] == 0).all()  # the EOS and padding after the last step end
+    # in a real batch: the EOS of a finished output carries no advantage
+    tok = common.build_char_tokenizer()
+    batch = common.build_batch(tok, ["7+5*3-9\n"] * 2, ["7+5=12\n#### 12\n", "7+5=13\n"], "cpu")
+    R, idx = lesson.step_rewards([PROBLEM], batch, 2)
+    A = lesson.grpo_process_advantages(R, idx, 2, batch.completion_ids.shape[1])
+    eos = batch.completion_mask.sum(1) - 1
+    assert A[0, eos[0]] == 0 and A[1, eos[1]] == 0 and (A[:, 0] != 0).all()
+
+
+def test_outcome_mode_matches_lesson_02():
+    lesson02 = load_lesson("02_grpo_outcome")
+    torch.manual_seed(0)
+    for G in (2, 4, 8):
+        rewards = (torch.rand(6 * G) < 0.4).float()
+        rewards[:G] = 1.0  # one group with no signal
+        assert torch.equal(lesson.grpo_outcome_advantages(rewards, G), lesson02.grpo_outcome_advantages(rewards, G))
+    texts = ["7+5=12\n12*3=36\n36-9=27\n#### 27\n", "#### 26\n", "", "#### 27"]
+    assert torch.equal(lesson.outcome_rewards([PROBLEM], texts, 4), lesson02.outcome_rewards([PROBLEM], texts, 4))
+    # the same GRPO loss as lesson 02
+    logp, old, ref = (torch.randn(4, 6) - 1 for _ in range(3))
+    adv, mask = torch.randn(4, 6), (torch.rand(4, 6) < 0.8).long()
+    ours, ours_stats = lesson.grpo_loss(logp, old, ref, adv, mask, 0.2, 0.04)
+    theirs, their_stats = lesson02.grpo_loss(logp, old, ref, adv, mask, 0.2, 0.04)
+    assert torch.equal(ours, theirs) and ours_stats == their_stats
+
+
+def test_a_token_that_ends_two_steps_gets_both_rewards():
+    # a BPE token such as "\n\n" ends two lines at once: both normalised step rewards land on it
+    rewards, index = [[1.0, 0.0, 1.0], [0.0]], [[2, 2, 4], [1]]
+    A = lesson.grpo_process_advantages(rewards, index, 2, 6)
+    assert torch.allclose(A, reference_advantages(rewards, index, 2, 6), atol=1e-6)
+    assert torch.allclose(A[0, 3], A[0, 4]) and not torch.allclose(A[0, 2], A[0, 3])
+
+
+def test_bad_arguments_are_one_line_errors():
+    for extra, message in [(["--supervision", "steps"], "--supervision 'steps'"),
+                           (["--group_size", "1"], "--group_size 1"), (["--warmup_steps", "-1"], "--warmup_steps -1")]:
+        with pytest.raises(SystemExit, match=message):
+            lesson.main(extra)
+
+
+def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):
+    common.load_policy("tiny", int(TINY[TINY.index("--sft_steps") + 1]), "cpu", cache_dir)  # pi_sft, not timed
+    started = time.time()
+    # both supervisions, so the comparison path runs too: SFT, outcome and process, each evaluated
+    result = lesson.main(TINY + ["--supervision", "both", "--k", "0", "--cache_dir", cache_dir,
+                                 "--out_dir", str(tmp_path)])
+    assert time.time() - started < 60
+    assert set(result["after"]) == {"outcome", "process"}
+    for supervision in ("outcome", "process"):
+        lines = [json.loads(l) for l in (Path(tmp_path) / supervision / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in lines[:-1]] == [1, 2] and lines[-1]["final"]
+        for r in lines[:-1]:
+            assert 0 <= r["step_acc"] <= 1 and r["steps_per_output"] >= 1 and r["kl"] >= 0
+        assert (Path(tmp_path) / supervision / "model" / "config.json").exists()
+        assert 0 <= result["after"][supervision]["test_step_err"] <= 1
+    assert set(result["before"]) == {"test_greedy", "ood_greedy", "test_step_err", "ood_step_err"}

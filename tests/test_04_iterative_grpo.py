@@ -1,0 +1,197 @@
+"""Lesson 04: iterative GRPO, a learned reward model r_phi re-trained with replay, pi_ref reset each iteration."""
+import json
+import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import common
+from conftest import TINY, load_lesson
+
+lesson = load_lesson("04_iterative_grpo")
+
+PROBLEM = {"question": "7+5*3-9", "start": 7, "ops": [("+", 5), ("*", 3), ("-", 9)], "answer": 27}
+RIGHT = "7+5=12\n12*3=36\n36-9=27\n#### 27\n"
+WRONG = "7+5=12\n12*3=35\n35-9=26\n#### 26\n"
+
+# Lesson 04's own knobs, small enough for seconds on a CPU
+TINY_04 = ["--iterations", "2", "--rm_init_questions", "2", "--rm_init_steps", "3", "--rm_steps", "3",
+           "--rm_batch_size", "8", "--rm_eval_questions", "2"]
+
+
+class ScriptedRM(torch.nn.Module):
+    """A stand-in r_phi: the logit of row i is row_logits[i] (or `constant` for every row)."""
+
+    def __init__(self, constant=None, row_logits=None):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.tensor(0.0 if constant is None else float(constant)))
+        self.row_logits = row_logits
+
+    def forward(self, input_ids, **kw):
+        N, L = input_ids.shape
+        if self.row_logits is not None:
+            logits = self.row_logits[:, None].expand(N, L) + 0 * self.bias
+        else:
+            logits = self.bias.expand(N, L)  # the same score for every output, trainable
+        return SimpleNamespace(logits=logits[..., None])  # [N, L, 1] like AutoModelForTokenClassification
+
+    def save_pretrained(self, path):
+        pass
+
+
+@pytest.fixture(scope="module")
+def sft(cache_dir):
+    return common.load_policy("tiny", sft_steps=20, device="cpu", cache_dir=cache_dir)
+
+
+def tagged(source: str, n: int) -> list:
+    return [{"prompt": [1], "completion": [2], "label": 0.0, "source": source} for _ in range(n)]
+
+
+def test_replay_batch_has_exactly_the_requested_share_of_history():
+    new, history, rng = tagged("new", 50), tagged("old", 30), random.Random(0)
+    for batch_size, fraction in [(64, 0.1), (10, 0.1), (7, 0.1), (32, 0.25), (5, 0.0), (20, 0.5)]:
+        for _ in range(5):
+            batch = lesson.replay_batch(new, history, batch_size, fraction, rng)
+            assert len(batch) == batch_size
+            assert sum(e["source"] == "old" for e in batch) == round(fraction * batch_size)
+    # r_phi's first training (no history yet): all new
+    assert all(e["source"] == "new" for e in lesson.replay_batch(new, [], 64, 0.1, rng))
+
+
+def test_reward_model_loss_falls_on_a_small_fixed_set_with_replay(sft, monkeypatch):
+    policy, tokenizer = sft
+    torch.manual_seed(0)
+    reward_model = lesson.load_reward_model(policy, "cpu")
+    assert sum(p.numel() for p in reward_model.parameters()) >= 0.9 * sum(p.numel() for p in policy.parameters())
+    problems = common.make_split("test", 8)
+    right = [common.solution_text(p) for p in problems]
+    wrong = [t.replace("####", "#### 1") for t in right]  # a wrong final answer
+    batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems] * 2, right + wrong, "cpu")
+    labels = [common.verify(problems[i % 8], t)["correct"] for i, t in enumerate(batch.texts)]
+    assert labels == [True] * 8 + [False] * 8
+    data = lesson.examples_from_batch(batch, labels)
+    new, history = data[:12], data[12:]
+
+    def fixed_set_loss():
+        tensors = lesson.collate(data, tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            reward_model.eval()
+            logits = lesson.rm_logits(reward_model, *tensors[:4])
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, tensors[4]).item()
+
+    seen = []  # every batch train_reward_model draws, to count its historical share
+    real_replay_batch = lesson.replay_batch
+    monkeypatch.setattr(lesson, "replay_batch", lambda *a: seen.append(real_replay_batch(*a)) or seen[-1])
+    start = fixed_set_loss()
+    optimizer = torch.optim.Adam(reward_model.parameters(), lr=1e-3)
+    losses = lesson.train_reward_model(reward_model, optimizer, new, history, 40, 20, 0.1, random.Random(0),
+                                       tokenizer.pad_token_id, 1.0)
+    assert len(losses) == 40 and fixed_set_loss() < 0.5 * start
+    assert not reward_model.training  # scoring happens in eval mode
+    assert all(sum(e in history for e in b) == 2 for b in seen)  # round(0.1 * 20) of every batch
+
+
+def test_rm_score_is_read_at_the_last_completion_token(sft):
+    policy, tokenizer = sft
+    reward_model = lesson.load_reward_model(policy, "cpu")
+    batch = common.build_batch(tokenizer, ["7+5*3-9\n", "1+1\n"], [RIGHT, "1+1=2\n"], "cpu")
+    scores = lesson.rm_logits(reward_model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                              batch.completion_mask)
+    with torch.no_grad():  # the second row alone, without padding, read at its EOS
+        ids = torch.cat([batch.prompt_ids[1:, batch.prompt_mask[1].bool()],
+                         batch.completion_ids[1:, :int(batch.completion_mask[1].sum())]], 1)
+        assert ids[0, -1] == tokenizer.eos_token_id
+        alone = reward_model(input_ids=ids).logits[0, -1, 0]
+    assert torch.allclose(scores[1], alone, atol=1e-5)
+    assert torch.allclose(lesson.rm_rewards(reward_model, batch), torch.sigmoid(scores), atol=1e-6)
+
+
+def test_advantages_come_from_r_phi_not_the_verifier(sft):
+    _, tokenizer = sft
+    batch = common.build_batch(tokenizer, ["7+5*3-9\n"] * 2, [RIGHT, WRONG], "cpu")  # one group, G = 2
+    assert [common.verify(PROBLEM, t)["correct"] for t in batch.texts] == [True, False]
+    # an r_phi that scores everything the same: no advantage, though the verifier tells the two apart
+    rewards = lesson.rm_rewards(ScriptedRM(constant=1.3), batch)
+    assert torch.equal(lesson.grpo_outcome_advantages(rewards, 2), torch.zeros(2))
+    # an r_phi that prefers the wrong output: the wrong output gets the positive advantage
+    rewards = lesson.rm_rewards(ScriptedRM(row_logits=torch.tensor([-2.0, 2.0])), batch)
+    assert torch.allclose(rewards, torch.sigmoid(torch.tensor([-2.0, 2.0])))
+    assert torch.allclose(lesson.grpo_outcome_advantages(rewards, 2), torch.tensor([-1.0, 1.0]))
+
+
+def test_main_with_a_constant_reward_model_never_moves_the_policy(cache_dir, tmp_path, monkeypatch, sft):
+    """Through main(): rewards from a constant r_phi give zero advantage, so the policy stays pi_sft."""
+    monkeypatch.setattr(lesson, "load_reward_model", lambda policy, device: ScriptedRM(constant=0.0))
+    out = lesson.main(TINY + TINY_04 + ["--out_dir", str(tmp_path), "--cache_dir", cache_dir])
+    steps = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "step" in r]
+    assert len(steps) == 4 and all(r["adv_abs"] == 0 and r["zero_adv_groups"] == 1 for r in steps)
+    trained = AutoModelForCausalLM.from_pretrained(Path(out["out_dir"]) / "model").state_dict()
+    for name, weights in sft[0].state_dict().items():
+        assert torch.equal(weights, trained[name]), name
+
+
+def test_reset_reference_copies_and_freezes(sft):
+    policy, _ = sft
+    policy = lesson.reset_reference(policy).train().requires_grad_(True)  # a private, trainable copy
+    ref = lesson.reset_reference(policy)
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), ref.parameters()))
+    snapshot = [p.clone() for p in ref.parameters()]
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    policy(input_ids=torch.tensor([[1, 5, 6, 7]])).logits.sum().backward()
+    optimizer.step()
+    assert not all(torch.equal(a, b) for a, b in zip(policy.parameters(), ref.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, ref.parameters()))
+
+
+def run_tiny(cache_dir, out_dir, *extra):
+    started = time.time()
+    out = lesson.main(TINY + TINY_04 + ["--out_dir", str(out_dir), "--cache_dir", cache_dir, *extra])
+    records = [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return out, records, time.time() - started
+
+
+def test_lesson_runs_end_to_end_on_cpu_in_under_a_minute(cache_dir, tmp_path, sft):
+    out, records, seconds = run_tiny(cache_dir, tmp_path / "iterative")
+    assert seconds < 60
+    assert out["mode"] == "iterative"
+    assert set(out["before"]) == set(out["after"]) == {"test_greedy", "test_maj@2", "test_pass@2", "ood_greedy"}
+    assert [r["iteration"] for r in out["iterations"]] == [0, 1, 2]
+    assert [r["policy_updates"] for r in out["iterations"]] == [0, 2, 4]
+    for r in out["iterations"]:
+        for key in ("true_acc", "test_greedy", "rm_acc_before", "rm_acc_after", "rm_reward"):
+            assert 0 <= r[key] <= 1
+    # line 11: r_phi trains on this iteration's 2 steps x 2 questions x G=2 outputs; history grows
+    assert [r["rm_train_size"] for r in out["iterations"][1:]] == [8, 8]
+    assert [r["history_size"] for r in out["iterations"][1:]] == [4 + 8, 4 + 16]
+    # line 3: pi_ref <- pi_theta at the start of every iteration, so the first step of each sees KL = 0
+    steps = [r for r in records if "step" in r]
+    assert [(r["iteration"], r["step"]) for r in steps] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    firsts = [r["kl"] for r in steps if r["step"] == 1]
+    assert all(abs(kl) < 1e-6 for kl in firsts)
+    assert steps[1]["kl"] > 0  # within an iteration the policy moves away from pi_ref
+    assert records[-1]["final"] and (tmp_path / "iterative" / "reward_model").exists()
+
+
+def test_frozen_switch_keeps_r_phi_and_pi_ref(cache_dir, tmp_path, sft):
+    out, records, _ = run_tiny(cache_dir, tmp_path / "frozen", "--frozen_rm")
+    assert out["mode"] == "frozen"
+    for r in out["iterations"][1:]:
+        assert r["rm_acc_before"] == r["rm_acc_after"] and r["rm_loss_first"] is None
+        assert r["history_size"] == 4  # only r_phi's first training set, on SFT samples
+    steps = [r for r in records if "step" in r]
+    assert abs(steps[0]["kl"]) < 1e-6  # pi_ref = pi_sft = pi_theta at the very start
+    assert steps[2]["kl"] > 0  # iteration 2 starts away from pi_ref: no reset
+
+
+def test_bad_arguments_are_one_line_errors():
+    for bad, match in [(["--replay_fraction", "1.0"], "replay_fraction"), (["--group_size", "1"], "group_size"),
+                       (["--iterations", "0"], "iterations"), (["--rm_steps", "-1"], "rm_steps")]:
+        with pytest.raises(SystemExit, match=match):
+            lesson.main(bad)

@@ -1,0 +1,261 @@
+"""Lesson 05: every method's own loss has the gradient of the one unified loss, eq. (5)."""
+import json
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from conftest import TINY, load_lesson
+
+L = load_lesson("05_unified")
+
+PROBLEM = {"question": "7+5*3-9", "start": 7, "ops": [("+", 5), ("*", 3), ("-", 9)], "answer": 27}
+OTHER = {"question": "2*3+4", "start": 2, "ops": [("*", 3), ("+", 4)], "answer": 10}
+# two questions x G=2 outputs: right then wrong for each, so DPO has two pairs and GRPO two mixed groups
+PROBLEMS = [PROBLEM, OTHER]
+TEXTS = ["7+5=12\n12*3=36\n36-9=27\n#### 27\n", "7+5=12\n12*3=35\n#### 35\n",
+         "2*3=6\n6+4=10\n#### 10\n", "2*3=5\n#### 5\n"]
+G = 2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny policy, a different random tiny reference, and a batch of the texts above."""
+    tokenizer = common.build_char_tokenizer()
+    policy = common.build_tiny_model(tokenizer, seed=0).eval()
+    ref = common.build_tiny_model(tokenizer, seed=1).eval().requires_grad_(False)
+    prompts = [common.prompt_text(PROBLEMS[i // G]) for i in range(len(TEXTS))]
+    batch = common.build_batch(tokenizer, prompts, TEXTS, "cpu")
+    return policy, ref, tokenizer, batch
+
+
+def grad(model, loss):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params, retain_graph=True)])
+
+
+def assert_same_gradient(model, native_loss, unified_loss):
+    a, b = grad(model, native_loss), grad(model, unified_loss)
+    assert a.abs().max() > 1e-6  # a real gradient, not two zeros
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
+
+
+def per_output_ce(model, batch):
+    """Each output's mean token cross-entropy, from transformers' own loss on the unpadded row.  # [N]"""
+    losses = []
+    for i in range(len(batch)):
+        prompt = batch.prompt_ids[i][batch.prompt_mask[i] == 1]
+        completion = batch.completion_ids[i][:int(batch.completion_mask[i].sum())]
+        ids = torch.cat([prompt, completion])[None]
+        labels = ids.clone()
+        labels[0, :len(prompt)] = -100
+        losses.append(model(input_ids=ids, labels=labels).loss)
+    return torch.stack(losses)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The gradient coefficient of each method reproduces the gradient of the method's own loss
+
+
+def test_sft_cross_entropy_has_gradient_coefficient_one(tiny):
+    policy, _, _, batch = tiny
+    native = per_output_ce(policy, batch).mean()  # SFT: mean over outputs of the token-averaged cross-entropy
+    logp = common.token_logprobs(policy, batch)
+    unified = L.unified_loss(logp, batch.completion_mask, L.gc_sft(batch.completion_mask))
+    assert_same_gradient(policy, native, unified)
+
+
+def test_rft_objective_has_gradient_coefficient_indicator(tiny):
+    policy, _, _, batch = tiny
+    correct = L.outcome_rewards(PROBLEMS, batch.texts, G)
+    assert correct.tolist() == [1, 0, 1, 0]
+    # J_RFT = E[ I(o) * 1/|o| sum_t log pi(o_t) ]: cross-entropy on the right outputs, over all outputs drawn
+    native = (correct * per_output_ce(policy, batch)).sum() / len(batch)
+    logp = common.token_logprobs(policy, batch)
+    unified = L.unified_loss(logp, batch.completion_mask, L.gc_rft(correct, batch.completion_mask))
+    assert_same_gradient(policy, native, unified)
+
+
+def test_dpo_loss_has_the_sigmoid_gradient_coefficient(tiny):
+    policy, ref, _, full = tiny
+    chosen, rejected = L.dpo_pairs(PROBLEMS, full, G)
+    assert (chosen, rejected) == ([0, 2], [1, 3])
+    batch = L.select(full, chosen + rejected)
+    mask = batch.completion_mask.float()
+    beta = 0.5
+    logp = common.token_logprobs(policy, batch)
+    with torch.no_grad():
+        ref_logp = common.token_logprobs(ref, batch)
+    # the paper's DPO (appendix A.1.3): log-ratios averaged over tokens
+    lr = ((logp - ref_logp) * mask).sum(1) / mask.sum(1)
+    native = -F.logsigmoid(beta * lr[:2] - beta * lr[2:]).mean()
+    gc = L.gc_dpo(logp, ref_logp, batch.completion_mask, 2, beta)
+    unified = L.unified_loss(logp, batch.completion_mask, gc, n_samples=2)
+    assert_same_gradient(policy, native, unified)
+    # the GC by hand: + beta*sigma(...) on every token of o+, - the same on o-, 0 on padding
+    s = torch.sigmoid(beta * lr[2:] - beta * lr[:2]).detach()
+    assert torch.allclose(gc[0, :int(mask[0].sum())], beta * s[0])
+    assert torch.allclose(gc[3, :int(mask[3].sum())], -beta * s[1])
+    assert (gc[mask == 0] == 0).all()
+
+
+def grpo_objective(logp, old_logp, ref_logp, advantages, mask, clip_eps, beta):
+    """eq. (3) with eq. (4), written out as in lesson 02."""
+    mask = mask.float()
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    return (((surrogate - beta * kl) * mask).sum(1) / mask.sum(1)).mean()
+
+
+@pytest.mark.parametrize("supervision", ["outcome", "process"])
+def test_grpo_objective_at_pi_old_equal_pi_theta(tiny, supervision):
+    policy, ref, _, batch = tiny
+    mask = batch.completion_mask
+    if supervision == "outcome":
+        advantages = L.grpo_outcome_advantages(L.outcome_rewards(PROBLEMS, batch.texts, G), G)[:, None] * mask
+    else:
+        advantages = L.grpo_process_advantages(PROBLEMS, batch, G)
+    assert advantages.abs().sum() > 0
+    logp = common.token_logprobs(policy, batch)
+    with torch.no_grad():
+        ref_logp = common.token_logprobs(ref, batch)
+    native = -grpo_objective(logp, logp.detach(), ref_logp, advantages, mask, clip_eps=0.2, beta=0.3)
+    unified = L.unified_loss(logp, mask, L.gc_grpo(advantages, logp, ref_logp, mask, beta=0.3))
+    assert_same_gradient(policy, native, unified)
+
+
+def test_ppo_surrogate_at_pi_old_equal_pi_theta(tiny):
+    policy, ref, _, batch = tiny
+    mask = batch.completion_mask
+    logp = common.token_logprobs(policy, batch)
+    with torch.no_grad():
+        ref_logp = common.token_logprobs(ref, batch)
+    torch.manual_seed(0)
+    values = torch.randn(mask.shape) * mask
+    rewards = L.ppo_token_rewards(torch.tensor([1.0, 0, 1, 0]), logp.detach(), ref_logp, mask, beta=0.1)
+    advantages = L.whiten(L.gae(rewards, values, mask, gamma=1.0, lam=0.95)[0], mask)
+    ratio = torch.exp(logp - logp.detach())  # eq. (1) with pi_old = pi_theta
+    surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 0.8, 1.2) * advantages)
+    m = mask.float()
+    native = -((surrogate * m).sum(1) / m.sum(1)).mean()
+    unified = L.unified_loss(logp, mask, L.gc_ppo(advantages, mask))
+    assert_same_gradient(policy, native, unified)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Advantages by hand
+
+
+def test_outcome_advantages_by_hand():
+    adv = L.grpo_outcome_advantages(torch.tensor([1.0, 0, 1, 1]), 2)
+    assert adv.tolist() == [1.0, -1.0, 0.0, 0.0]  # the second group is all right: no signal
+
+
+def test_process_advantages_by_hand(tiny):
+    *_, batch = tiny
+    adv = L.grpo_process_advantages(PROBLEMS, batch, G)
+    # group 1: steps [T, T, T, T] and [T, F, F]; R has 5 ones and 2 zeros
+    mean, std = 5 / 7, math.sqrt(5 / 7 * 2 / 7)
+    up, down = (1 - mean) / std, (0 - mean) / std
+    ends0, ends1 = batch.step_ends[0], batch.step_ends[1]
+    assert ends0 == [6, 14, 22, 30] and ends1 == [6, 14, 22]
+    assert adv[0, 0].item() == pytest.approx(4 * up)  # before step 1 ends: all 4 steps are at or after t
+    assert adv[0, 7].item() == pytest.approx(3 * up)
+    assert adv[0, 30].item() == pytest.approx(up)
+    assert adv[0, 31].item() == 0  # the EOS comes after the last step
+    assert adv[1, 0].item() == pytest.approx(up + 2 * down)
+    assert adv[1, 15].item() == pytest.approx(down)
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5, 0.5], [1.0, 1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the second output has two tokens
+    adv, ret = L.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 0: deltas 0, 0, 0.5 -> A = 0.125, 0.25, 0.5; row 1: deltas 0, 1 -> A = 0.5, 1
+    assert torch.allclose(adv, torch.tensor([[0.125, 0.25, 0.5], [0.5, 1.0, 0.0]]))
+    assert torch.allclose(ret, torch.tensor([[0.625, 0.75, 1.0], [1.5, 2.0, 0.0]]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The data sources: offline means sampled once from pi_sft, online means from the current policy
+
+
+def checksum(model):
+    return sum(p.detach().double().sum().item() for p in model.parameters())
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = []
+    real = common.sample
+
+    def sample(model, *a, **kw):
+        calls.append((model, checksum(model)))
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(common, "sample", sample)
+    return calls
+
+
+SMALL = dict(steps=3, batch_size=2, group_size=2, max_new_tokens=8, eval_every=0, device="cpu")
+
+
+def test_rft_data_is_sampled_once_from_the_sft_model(tiny, spy):
+    import copy
+    sft, _, tokenizer, _ = tiny
+    args = L.Args(**SMALL)
+    offline = L.offline_data(sft, tokenizer, args, seed=0)
+    assert len(spy) == args.steps and all(model is sft for model, _ in spy)
+    before = [b.completion_ids.clone() for _, b in offline]
+    policy = copy.deepcopy(sft).requires_grad_(True)
+    start = checksum(policy)
+    L.train_method("rft", policy, sft, tokenizer, args, seed=0, offline=offline)
+    assert len(spy) == args.steps  # no sampling while training
+    assert all(torch.equal(a, b.completion_ids) for a, (_, b) in zip(before, offline))
+    assert checksum(policy) != start or all(L.outcome_rewards(p, b.texts, 2).sum() == 0 for p, b in offline)
+
+
+def test_online_rft_samples_from_the_current_policy(tiny, spy, monkeypatch):
+    import copy
+    sft, _, tokenizer, _ = tiny
+    # a random model is never right: count every output as right, so GC = I(o) = 1 and the policy moves
+    monkeypatch.setattr(L, "outcome_rewards", lambda problems, texts, g: torch.ones(len(texts)))
+    policy = copy.deepcopy(sft).requires_grad_(True)
+    L.train_method("online_rft", policy, sft, tokenizer, L.Args(**SMALL), seed=0)
+    assert len(spy) == SMALL["steps"] and all(model is policy for model, _ in spy)
+    sums = [s for _, s in spy]
+    assert len(set(sums)) == len(sums)  # each batch came from the policy as it was after the last update
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole lesson
+
+
+def test_main_end_to_end_tiny(cache_dir, tmp_path, capsys):
+    started = time.time()
+    out = L.main(TINY + ["--cache_dir", cache_dir, "--out_dir", str(tmp_path), "--seeds", "0,1",
+                         "--eval_every", "1", "--eval_curve", "4"])
+    assert time.time() - started < 60
+    names = [v[0] for v in L.METHODS.values()]
+    assert list(out["final"]) == ["SFT model"] + names and all(len(v) == 2 for v in out["final"].values())
+    assert len(out["findings"]) == 5
+    for seed in (0, 1):
+        lines = [json.loads(x) for x in (tmp_path / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        assert {x["method"] for x in lines} == set(names)
+        assert all("test_greedy" in x for x in lines if not x.get("final"))  # --eval_every 1
+        assert sum(bool(x.get("final")) for x in lines) == len(names)
+    printed = capsys.readouterr().out
+    assert "gc_grpo: return (advantages + beta * (torch.exp(ref_logp - logp.detach()) - 1)) * mask" in printed
+    assert "GRPO needs less memory than PPO" in printed
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(SystemExit, match="unknown method 'ppo2'"):
+        L.main(["--methods", "ppo,ppo2"])
+    with pytest.raises(SystemExit, match="--group_size 1"):
+        L.main(["--group_size", "1"])
