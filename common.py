@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CACHE = REPO / "cache"
-SFT_STEPS = 360  # steps of the default SFT warm start: the tiny model is then right about half the time
+SFT_STEPS = 800  # steps of the default SFT warm start
+ANSWER_ONLY_SHARE = 0.6  # share of SFT demonstrations that give the final answer line alone, no working
 
 # ----------------------------------------------------------------------------------------------------
 # The task: "7+5*3-9" is computed left to right, one operation per line, like a pocket calculator:
@@ -83,6 +84,11 @@ def train_problems(seed: int, held_out: list[dict] | None = None):
 
 def prompt_text(problem: dict) -> str:
     return problem["question"] + "\n"
+
+
+def answer_only_text(problem: dict) -> str:
+    """The short demonstration: the final-answer line with no working shown."""
+    return f"#### {problem['answer']}\n"
 
 
 def solution_text(problem: dict) -> str:
@@ -211,7 +217,7 @@ def load_policy(model: str = "tiny", sft_steps: int = SFT_STEPS, device: str | t
     if model != "tiny" and looks_like_path and not Path(model).expanduser().exists():
         fail(f"--model {model!r} does not exist: give a folder saved with save_pretrained, a hub id, or 'tiny'")
     cache_dir = Path(cache_dir or os.environ.get("PPO_GRPO_CACHE", DEFAULT_CACHE))
-    path = cache_dir / f"sft-{_slug(model)}-{sft_steps}steps-seed{seed}"
+    path = cache_dir / f"sft-{_slug(model)}-{sft_steps}steps-answeronly{ANSWER_ONLY_SHARE}-seed{seed}"
     if not (path / "config.json").exists():
         _build_sft_model(model, sft_steps, device, path, seed)
     # Always load from the cache folder, so a first run and a later run start from the same weights.
@@ -267,11 +273,18 @@ def _prepare(policy, tokenizer, device):
 
 def sft_warm_start(policy, tokenizer, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                    log_every: int = 0):
-    """Supervised fine-tuning on demonstrations: maximise log pi(o | q) of the reference solutions."""
+    """Supervised fine-tuning on demonstrations: maximise log pi(o | q) of the reference solutions.
+
+    Like real SFT data, the demonstrations mix two styles: worked solutions (one line per step) and,
+    for ANSWER_ONLY_SHARE of them, the final answer alone. A tiny model is reliable when it works step
+    by step and mostly wrong when it answers at once, so pi_sft is right about half the time and RL
+    has something to find: which way of answering earns the reward.
+    """
     from tqdm import tqdm
 
     device = next(policy.parameters()).device
     problems = train_problems(seed + 17)
+    style = random.Random(seed + 29)
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     policy.train()
@@ -280,7 +293,8 @@ def sft_warm_start(policy, tokenizer, steps: int, batch_size: int = 64, lr: floa
         for g in opt.param_groups:  # linear warm-up, cosine decay
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch = [next(problems) for _ in range(batch_size)]
-        data = build_batch(tokenizer, [prompt_text(p) for p in batch], [solution_text(p) for p in batch], device)
+        demos = [answer_only_text(p) if style.random() < ANSWER_ONLY_SHARE else solution_text(p) for p in batch]
+        data = build_batch(tokenizer, [prompt_text(p) for p in batch], demos, device)
         logp = token_logprobs(policy, data)  # [B, T]
         loss = -(logp * data.completion_mask).sum() / data.completion_mask.sum()
         opt.zero_grad()

@@ -124,10 +124,11 @@ def test_outcome_mode_matches_lesson_02():
 
 def test_a_token_that_ends_two_steps_gets_both_rewards():
     # a BPE token such as "\n\n" ends two lines at once: both normalised step rewards land on it
-    rewards, index = [[1.0, 0.0, 1.0], [0.0]], [[2, 2, 4], [1]]
+    # R = {1, 1, 0, 0}: mean 1/2, std 1/2, so r~ = +1, +1, -1 for output 1 and -1 for output 2
+    rewards, index = [[1.0, 1.0, 0.0], [0.0]], [[2, 2, 4], [1]]
     A = lesson.grpo_process_advantages(rewards, index, 2, 6)
+    assert A.tolist() == [[1.0, 1.0, 1.0, -1.0, -1.0, 0.0], [-1.0, -1.0, 0.0, 0.0, 0.0, 0.0]]
     assert torch.allclose(A, reference_advantages(rewards, index, 2, 6), atol=1e-6)
-    assert torch.allclose(A[0, 3], A[0, 4]) and not torch.allclose(A[0, 2], A[0, 3])
 
 
 def test_bad_arguments_are_one_line_errors():
