@@ -3,11 +3,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-torch.set_num_threads(2)
 
 
 def load_lesson(name: str):
