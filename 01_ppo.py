@@ -64,7 +64,7 @@ class Args:
     sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)"})
     seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    steps: int = field(default=100, metadata={"help": "sampled batches; each gives ppo_epochs passes of updates"})
+    steps: int = field(default=60, metadata={"help": "sampled batches; each gives ppo_epochs passes of updates"})
     batch_size: int = field(default=128, metadata={"help": "questions per step, one output each"})
     minibatch_size: int = field(default=64, metadata={"help": "outputs per gradient step (<= batch_size)"})
     ppo_epochs: int = field(default=2, metadata={"help": "passes over each sampled batch"})

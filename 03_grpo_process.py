@@ -70,7 +70,7 @@ class Args:
     sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)"})
     seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    steps: int = field(default=100, metadata={"help": "sampled batches; each gives mu policy updates"})
+    steps: int = field(default=60, metadata={"help": "sampled batches; each gives mu policy updates"})
     batch_size: int = field(default=16, metadata={"help": "questions per step"})
     group_size: int = field(default=8, metadata={"help": "G: outputs sampled per question"})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the policy"})

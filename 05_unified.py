@@ -56,6 +56,7 @@ back from these files.
 import copy
 import inspect
 import json
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -306,10 +307,10 @@ def select(batch, rows):
                         batch.completion_mask[idx], [batch.texts[i] for i in rows], [batch.step_ends[i] for i in rows])
 
 
-def demonstrations(tokenizer, problems, device):
-    """SFT's data source: the reference solutions."""
+def demonstrations(tokenizer, problems, device, rng):
+    """SFT's data source: more of the SFT data P_sft, the same mix of worked and answer-only solutions."""
     return common.build_batch(tokenizer, [common.prompt_text(p) for p in problems],
-                              [common.solution_text(p) for p in problems], device)
+                              [common.sft_demonstration(p, rng) for p in problems], device)
 
 
 def offline_data(sft_model, tokenizer, args, seed):
@@ -381,6 +382,7 @@ def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, off
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     step_times = []
+    style = random.Random(seed)  # SFT's draws of worked vs answer-only demonstrations
     if log is not None and args.eval_every:
         log.write({"method": name, "step": 0, "test_greedy": quick_test_accuracy(policy, tokenizer, args.eval_curve,
                                                                                  args.max_new_tokens)})
@@ -391,7 +393,7 @@ def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, off
         n_samples = None
         # 1. the data source
         if method == "sft":
-            batch = demonstrations(tokenizer, [next(problems) for _ in range(B * G)], device)
+            batch = demonstrations(tokenizer, [next(problems) for _ in range(B * G)], device, style)
         elif method in ("rft", "dpo"):
             batch_problems, batch = offline[step - 1]  # sampled from pi_sft before training, never again
         else:

@@ -91,6 +91,12 @@ def answer_only_text(problem: dict) -> str:
     return f"#### {problem['answer']}\n"
 
 
+def sft_demonstration(problem: dict, rng: random.Random) -> str:
+    """A draw from the SFT data P_sft(O|q): the answer line alone with probability ANSWER_ONLY_SHARE,
+    else the worked solution."""
+    return answer_only_text(problem) if rng.random() < ANSWER_ONLY_SHARE else solution_text(problem)
+
+
 def solution_text(problem: dict) -> str:
     """The demonstration: one line per operation, then the final-answer line (no EOS: tokenizers add it)."""
     lines, value = [], problem["start"]
@@ -293,7 +299,7 @@ def sft_warm_start(policy, tokenizer, steps: int, batch_size: int = 64, lr: floa
         for g in opt.param_groups:  # linear warm-up, cosine decay
             g["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
         batch = [next(problems) for _ in range(batch_size)]
-        demos = [answer_only_text(p) if style.random() < ANSWER_ONLY_SHARE else solution_text(p) for p in batch]
+        demos = [sft_demonstration(p, style) for p in batch]
         data = build_batch(tokenizer, [prompt_text(p) for p in batch], demos, device)
         logp = token_logprobs(policy, data)  # [B, T]
         loss = -(logp * data.completion_mask).sum() / data.completion_mask.sum()
