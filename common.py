@@ -277,8 +277,7 @@ def _prepare(policy, tokenizer, device):
     return policy.to(device)
 
 
-def sft_warm_start(policy, tokenizer, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
-                   log_every: int = 0):
+def sft_warm_start(policy, tokenizer, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0):
     """Supervised fine-tuning on demonstrations: maximise log pi(o | q) of the reference solutions.
 
     Like real SFT data, the demonstrations mix two styles: worked solutions (one line per step) and,
