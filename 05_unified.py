@@ -348,10 +348,8 @@ def dpo_pairs(problems, batch, group_size):
 
 
 def quick_test_accuracy(policy, tokenizer, n, max_new_tokens):
-    problems = common.make_split("test", n)
-    out = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], greedy=True,
-                        max_new_tokens=max_new_tokens)
-    return sum(common.verify(p, t)["correct"] for p, t in zip(problems, out.texts)) / n
+    """Greedy accuracy on the first n test problems, for the learning curve (no OOD, no Maj/Pass@K)."""
+    return common.evaluate(policy, tokenizer, n_test=n, n_ood=0, k=0, max_new_tokens=max_new_tokens)["test_greedy"]
 
 
 def state_bytes(models):

@@ -282,8 +282,8 @@ def sft_warm_start(policy, tokenizer, steps: int, batch_size: int = 64, lr: floa
 
     Like real SFT data, the demonstrations mix two styles: worked solutions (one line per step) and,
     for ANSWER_ONLY_SHARE of them, the final answer alone. A tiny model is reliable when it works step
-    by step and mostly wrong when it answers at once, so pi_sft is right about half the time and RL
-    has something to find: which way of answering earns the reward.
+    by step and mostly wrong when it answers at once, so pi_sft (greedy) answers at once and is often
+    wrong, and RL has something to find: which way of answering earns the reward.
     """
     from tqdm import tqdm
 
