@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import common
 
@@ -88,24 +87,32 @@ class Args:
 
 
 def check_args(args: Args):
+    """Every option before any work (common.parse_args has already refused unknown flags and nan/inf)."""
+    for name in ("lr", "value_lr"):
+        if getattr(args, name) <= 0:
+            common.fail(f"--{name} {getattr(args, name)}: the learning rate must be finite and > 0")
     for name in ("gamma", "lam"):
         if not 0 <= getattr(args, name) <= 1:
             common.fail(f"--{name} {getattr(args, name)}: GAE needs {name} in [0, 1]")
     if args.ppo_epochs < 1:
         common.fail(f"--ppo_epochs {args.ppo_epochs}: at least one pass over each sampled batch")
-    for name in ("steps", "batch_size", "minibatch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            common.fail(f"--{name} {getattr(args, name)}: must be >= 1")
+    common.check_at_least(args, 1, "steps", "batch_size", "minibatch_size", "max_new_tokens")
+    common.check_at_least(args, 0, "sft_steps", "eval_test", "eval_ood", "k")  # 0: none / skip
     if args.minibatch_size > args.batch_size:
         common.fail(f"--minibatch_size {args.minibatch_size} is larger than --batch_size {args.batch_size}: "
                     "a minibatch is a part of the sampled batch")
     if args.beta < 0:
         common.fail(f"--beta {args.beta}: the KL coefficient must be >= 0")
-    for name in ("clip_eps", "value_clip"):
-        if not 0 <= getattr(args, name) < 1:
-            common.fail(f"--{name} {getattr(args, name)}: the clip range must be in [0, 1)")
+    if not 0 <= args.clip_eps < 1:
+        common.fail(f"--clip_eps {args.clip_eps}: the clip range must be in [0, 1)")
+    if args.value_clip < 0:
+        common.fail(f"--value_clip {args.value_clip}: how far V_psi may move must be >= 0")
     if args.temperature <= 0:
         common.fail(f"--temperature {args.temperature}: must be > 0 (PPO samples, it does not decode greedily)")
+    if args.max_grad_norm <= 0:
+        common.fail(f"--max_grad_norm {args.max_grad_norm}: the gradient-norm limit must be > 0")
+    if not 0 <= args.seed < 2**32:
+        common.fail(f"--seed {args.seed}: use a seed in 0 .. {2**32 - 1}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -307,13 +314,6 @@ def cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer) -> di
     }
 
 
-def clock(device) -> float:
-    """Wall time, after the GPU has finished what it was given (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.time()
-
-
 def peak_memory(device) -> str:
     if device.type == "cuda":
         return f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
@@ -326,7 +326,7 @@ def peak_memory(device) -> str:
 
 
 def main(argv=None):
-    args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    args = common.parse_args(Args, argv)
     check_args(args)
     started = time.time()
     device = common.resolve_device(args.device)
@@ -351,7 +351,7 @@ def main(argv=None):
     step_times, value_times = [], []
     bar = tqdm(range(1, args.steps + 1), desc="PPO")
     for step in bar:
-        t0 = clock(device)
+        t0 = common.clock(device)
         batch_problems = [next(problems) for _ in range(args.batch_size)]
         # pi_old <- pi_theta; sample one output o ~ pi_old(.|q) for each question q
         batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], 1,
@@ -361,9 +361,9 @@ def main(argv=None):
         with torch.no_grad():
             old_logp = common.token_logprobs(policy, batch, args.temperature)  # [N, T]
             ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [N, T]
-            tv = clock(device)
+            tv = common.clock(device)
             old_values = token_values(value_model, batch)  # [N, T]: V(s_t) at sampling time
-            value_time = clock(device) - tv
+            value_time = common.clock(device) - tv
         rewards, log_ratio = kl_penalised_rewards(scores, old_logp, ref_logp, mask, args.beta)  # eq. (2)
         advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)  # [N, T] each
         advantages = whiten(advantages, mask)
@@ -385,20 +385,20 @@ def main(argv=None):
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                 optimizer.step()
 
-                tv = clock(device)
+                tv = common.clock(device)
                 values = token_values(value_model, minibatch)  # [n, T]
                 value_loss, vs = clipped_value_loss(values, old_values[idx], returns[idx], mask[idx], args.value_clip)
                 value_optimizer.zero_grad()
                 value_loss.backward()
                 value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
                 value_optimizer.step()
-                value_time += clock(device) - tv
+                value_time += common.clock(device) - tv
                 for key, v in {**s, **vs, "policy_loss": policy_loss.item(), "value_loss": value_loss.item()}.items():
                     stats[key].append(v)
         policy.eval()
         value_model.eval()
 
-        step_times.append(clock(device) - t0)
+        step_times.append(common.clock(device) - t0)
         value_times.append(value_time)
         n_tokens = mask.sum().clamp(min=1)
         record = {"step": step, "reward": scores.mean().item(), "accuracy": (scores == 1).float().mean().item(),
@@ -414,13 +414,13 @@ def main(argv=None):
         bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.4f}",
                         vloss=f"{record['value_loss']:.3f}", ev=f"{record['explained_variance']:.2f}",
                         clip=f"{record['clip_frac']:.3f}")
+    memory = peak_memory(device)  # of the training loop alone: read before the evaluation below
 
     after = evaluate()
     policy.save_pretrained(f"{out_dir}/model")
     tokenizer.save_pretrained(f"{out_dir}/model")
     value_model.save_pretrained(f"{out_dir}/value_model")
     cost = cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer)
-    memory = peak_memory(device)
     mean_step, mean_value = sum(step_times) / len(step_times), sum(value_times) / len(value_times)
     log.write({"final": True, "before": before, "after": after, "cost": cost, "memory": memory,
                "mean_step_time": mean_step, "mean_value_time": mean_value, "wall_time": time.time() - started})

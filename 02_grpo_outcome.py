@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import common
 
@@ -62,12 +61,21 @@ class Args:
     eval_test: int = field(default=200, metadata={"help": "test problems evaluated before and after"})
     eval_ood: int = field(default=200, metadata={"help": "out-of-distribution (longer) problems evaluated"})
     k: int = field(default=8, metadata={"help": "K of Maj@K and Pass@K"})
+    maj_pass_k: int = field(default=0, metadata={"help": "also draw N = this many samples per problem at "
+                                                          "--maj_pass_temperature for pi_sft and the trained model, and "
+                                                          "report Maj@K and Pass@K for K = 1, 2, 4 .. N on the test and OOD "
+                                                          "splits (the paper's Figure 7 uses 64; 0: skip)"})
+    maj_pass_problems: int = field(default=100, metadata={"help": "problems of each split for --maj_pass_k"})
+    maj_pass_temperature: float = field(default=0.7, metadata={"help": "sampling temperature of --maj_pass_k (the paper's 0.7)"})
     out_dir: str = field(default="", metadata={"help": "where metrics.jsonl and the model go "
                                                         "(default runs/02_grpo_outcome/seed<seed>)"})
     cache_dir: str = field(default="", metadata={"help": "where SFT models are cached (default ./cache)"})
 
 
 def check_args(args: Args):
+    """Every option before any work (common.parse_args has already refused unknown flags and nan/inf)."""
+    if args.lr <= 0:
+        common.fail(f"--lr {args.lr}: the learning rate must be finite and > 0")
     if args.group_size < 2:
         common.fail(f"--group_size {args.group_size}: GRPO needs at least 2 outputs per question to form a baseline")
     if args.beta < 0:
@@ -76,11 +84,15 @@ def check_args(args: Args):
         common.fail(f"--clip_eps {args.clip_eps}: the clip range must be in [0, 1)")
     if args.mu < 1:
         common.fail(f"--mu {args.mu}: at least one GRPO iteration per batch")
-    for name in ("steps", "batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            common.fail(f"--{name} {getattr(args, name)}: must be >= 1")
-    if args.temperature <= 0:
-        common.fail(f"--temperature {args.temperature}: must be > 0 (GRPO samples, it does not decode greedily)")
+    common.check_at_least(args, 1, "steps", "batch_size", "max_new_tokens", "maj_pass_problems")
+    common.check_at_least(args, 0, "sft_steps", "warmup_steps", "eval_test", "eval_ood", "k", "maj_pass_k")  # 0: skip
+    for name in ("temperature", "maj_pass_temperature"):
+        if getattr(args, name) <= 0:
+            common.fail(f"--{name} {getattr(args, name)}: must be > 0 (samples are drawn, not decoded greedily)")
+    if args.max_grad_norm <= 0:
+        common.fail(f"--max_grad_norm {args.max_grad_norm}: the gradient-norm limit must be > 0")
+    if not 0 <= args.seed < 2**32:
+        common.fail(f"--seed {args.seed}: use a seed in 0 .. {2**32 - 1}")
 
 
 def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tensor:
@@ -138,11 +150,12 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
     advantages = grpo_outcome_advantages(rewards, G)  # [B*G]
     token_advantages = advantages[:, None].expand_as(batch.completion_mask)  # [B*G, T]: A_{i,t} = r~_i
     with torch.no_grad():
-        old_logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
         ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [B*G, T]
     policy.train()
-    for _ in range(args.mu):  # GRPO iterations on the same batch
+    for grpo_iteration in range(args.mu):  # GRPO iterations on the same batch
         logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+        if grpo_iteration == 0:  # pi_old is pi_theta before its first update: its log-probs, detached
+            old_logp = logp.detach()  # [B*G, T]
         loss, stats = grpo_loss(logp, old_logp, ref_logp, token_advantages, batch.completion_mask,
                                 args.clip_eps, args.beta)
         optimizer.zero_grad()
@@ -157,8 +170,26 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
             "completion_len": batch.completion_mask.sum(1).float().mean().item()}
 
 
+def maj_pass_report(policy, ref_policy, tokenizer, args: Args, log) -> dict:
+    """The paper's Figure 7 at small scale: Maj@K and Pass@K against K, before (pi_sft) and after GRPO."""
+    ks = [2 ** i for i in range(args.maj_pass_k.bit_length()) if 2 ** i <= args.maj_pass_k]
+    curves = {}
+    for split in ("test", "ood"):
+        problems = common.make_split(split, args.maj_pass_problems)
+        for name, model in (("SFT model", ref_policy), ("after GRPO (outcome)", policy)):
+            common.set_seed(args.seed)
+            curves[f"{split}, {name}"] = common.maj_pass_curve(model, tokenizer, problems, ks,
+                                                               args.maj_pass_temperature, args.max_new_tokens)
+    log.write({"final": True, "maj_pass": curves, "ks": ks, "temperature": args.maj_pass_temperature,
+               "problems": args.maj_pass_problems})
+    print(f"\nMaj@K and Pass@K, {args.maj_pass_k} samples per problem at temperature {args.maj_pass_temperature}, "
+          f"{args.maj_pass_problems} problems of each split:\n")
+    print(common.results_table(curves))
+    return curves
+
+
 def main(argv=None):
-    args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    args = common.parse_args(Args, argv)
     check_args(args)
     started = time.time()
     device = common.resolve_device(args.device)
@@ -179,11 +210,11 @@ def main(argv=None):
     log = common.MetricsLog(out_dir)
     bar = tqdm(range(1, args.steps + 1), desc="GRPO (outcome)")
     for step in bar:
-        t0 = time.time()
+        t0 = common.clock(device)
         record = grpo_step(policy, ref_policy, tokenizer, optimizer,
                            [next(problems) for _ in range(args.batch_size)], args)
         warmup.step()
-        record = {"step": step, **record, "step_time": time.time() - t0}
+        record = {"step": step, **record, "step_time": common.clock(device) - t0}
         log.write(record)
         bar.set_postfix(reward=f"{record['reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                         kl=f"{record['kl']:.4f}", clip=f"{record['clip_frac']:.3f}",
@@ -197,7 +228,10 @@ def main(argv=None):
           f"x G={args.group_size} "
           f"on {device}, {time.time() - started:.0f}s")
     print(common.results_table({"SFT model": before, "after GRPO (outcome)": after}))
-    return {"before": before, "after": after, "out_dir": out_dir}
+    result = {"before": before, "after": after, "out_dir": out_dir}
+    if args.maj_pass_k:
+        result["maj_pass"] = maj_pass_report(policy, ref_policy, tokenizer, args, log)
+    return result
 
 
 if __name__ == "__main__":

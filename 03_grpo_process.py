@@ -19,9 +19,16 @@ and a token's advantage is the sum of the normalised rewards of its step and eve
 
     A_{i,t} = sum over j with index(j) >= t of r~_i^index(j)
 
-Tokens after the last step (the EOS) get A = 0. An output with no step at all (an immediate EOS) gets
-one step of reward 0 at its last token, so a degenerate sample is punished rather than ignored. A group
-whose step rewards are all equal carries no signal: its advantages are 0 (as in lesson 02).
+Tokens after the last step (the EOS) get A = 0. A group whose step rewards are all equal carries no
+signal: its advantages are 0 (as in lesson 02).
+
+A solution cut short must not earn more than the whole one. The paper's process reward model scores a
+complete solution; a grader that only scores the lines present would pay an output that writes three
+right lines and stops (no answer) more per step than one that goes on and slips once, and the policy
+learns to stop early. So every step the output never wrote (an operation of the problem with no line
+before the answer line, or the answer line itself) counts as a step of reward 0 that ends at the
+output's last token, and every line after the answer line is a wrong step. An empty output is thus
+len(ops) + 1 wrong steps. (common.verify counts the missing steps.)
 
 The rest is GRPO exactly as in lesson 02, repeated here so that this file reads alone.
 Eq. (3), the GRPO objective, maximised for mu iterations on each sampled batch:
@@ -42,6 +49,10 @@ process reward model. pi_ref is the SFT model and stays frozen.
 Run:  python 03_grpo_process.py                      GRPO with process supervision (the default)
       python 03_grpo_process.py --supervision both   outcome and process, each from pi_sft, same seed
                                                      and budget, in one table
+      python 03_grpo_process.py --supervision both --train_ops 5-6
+                                                     the same on long chains, where the outcome reward
+                                                     is sparse (the OOD split's length, its questions
+                                                     held out)
 (python 03_grpo_process.py --help lists every knob.) The table has greedy accuracy, Maj@K, Pass@K,
 OOD accuracy and the per-step error rate of greedy outputs (wrong lines among all lines) on the test
 and OOD splits. Metrics go to runs/03_grpo_process/seed<seed>/<supervision>/metrics.jsonl, the trained
@@ -54,7 +65,6 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import common
 
@@ -66,6 +76,8 @@ class Args:
     supervision: str = field(default="process", metadata={
         "help": "process (a reward per step), outcome (a reward per output, lesson 02), or both: "
                 "train each from pi_sft with the same seed and budget and compare them in one table"})
+    train_ops: str = field(default="2-4", metadata={"help": "operations per training problem: 2-4 (the test "
+                                                            "split's length) or 5-6 (long chains, sparse outcome reward)"})
     model: str = field(default="tiny", metadata={"help": "'tiny' (built in), or a causal LM folder / hub id"})
     sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)"})
     seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init"})
@@ -86,13 +98,17 @@ class Args:
     eval_ood: int = field(default=200, metadata={"help": "out-of-distribution (longer) problems evaluated"})
     k: int = field(default=8, metadata={"help": "K of Maj@K and Pass@K"})
     out_dir: str = field(default="", metadata={"help": "where metrics.jsonl and the model go, one folder per "
-                                                        "supervision (default runs/03_grpo_process/seed<seed>)"})
+                                                        "supervision (default runs/03_grpo_process/ops<train_ops>/seed<seed>)"})
     cache_dir: str = field(default="", metadata={"help": "where SFT models are cached (default ./cache)"})
 
 
 def check_args(args: Args):
+    """Every option before any work (common.parse_args has already refused unknown flags and nan/inf)."""
+    common.parse_ops(args.train_ops)
     if args.supervision not in SUPERVISIONS:
         common.fail(f"--supervision {args.supervision!r}: use one of {', '.join(SUPERVISIONS)}")
+    if args.lr <= 0:
+        common.fail(f"--lr {args.lr}: the learning rate must be finite and > 0")
     if args.group_size < 2:
         common.fail(f"--group_size {args.group_size}: GRPO needs at least 2 outputs per question to form a baseline")
     if args.beta < 0:
@@ -101,13 +117,14 @@ def check_args(args: Args):
         common.fail(f"--clip_eps {args.clip_eps}: the clip range must be in [0, 1)")
     if args.mu < 1:
         common.fail(f"--mu {args.mu}: at least one GRPO iteration per batch")
-    if args.warmup_steps < 0:
-        common.fail(f"--warmup_steps {args.warmup_steps}: must be >= 0")
-    for name in ("steps", "batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            common.fail(f"--{name} {getattr(args, name)}: must be >= 1")
+    common.check_at_least(args, 1, "steps", "batch_size", "max_new_tokens")
+    common.check_at_least(args, 0, "sft_steps", "warmup_steps", "eval_test", "eval_ood", "k")  # 0: none / skip
     if args.temperature <= 0:
         common.fail(f"--temperature {args.temperature}: must be > 0 (GRPO samples, it does not decode greedily)")
+    if args.max_grad_norm <= 0:
+        common.fail(f"--max_grad_norm {args.max_grad_norm}: the gradient-norm limit must be > 0")
+    if not 0 <= args.seed < 2**32:
+        common.fail(f"--seed {args.seed}: use a seed in 0 .. {2**32 - 1}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,19 +136,16 @@ def step_rewards(problems: list, batch: common.Batch, group_size: int) -> tuple[
 
     r_i^index(j) = 1 if the verifier says line j of o_i is a correct step, else 0; the final-answer
     line is the last step. index(j) = the completion position of the token that ends line j
-    (Batch.step_ends, aligned with verify()'s "steps"). An output with no line at all gets one step
-    of reward 0 at its last completion token (its EOS), so that it is punished, not ignored.
+    (Batch.step_ends, aligned with verify()'s "steps"). Every step o_i never wrote (verify()'s
+    "missing") is one more step of reward 0 at o_i's last completion token: a solution cut short,
+    or an empty one, is charged for what it left out.
     """
     last_token = (batch.completion_mask.sum(1) - 1).tolist()  # [N]
     rewards, index = [], []
     for i, (text, ends) in enumerate(zip(batch.texts, batch.step_ends)):
-        steps = common.verify(problems[i // group_size], text)["steps"]
-        if steps:
-            rewards.append([float(ok) for ok in steps])
-            index.append(list(ends))
-        else:
-            rewards.append([0.0])
-            index.append([last_token[i]])
+        graded = common.verify(problems[i // group_size], text)
+        rewards.append([float(ok) for ok in graded["steps"]] + [0.0] * graded["missing"])
+        index.append(list(ends) + [last_token[i]] * graded["missing"])
     return rewards, index
 
 
@@ -221,7 +235,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta:
 
 @torch.no_grad()
 def step_error_rates(model, tokenizer, n_test: int, n_ood: int, max_new_tokens: int, chunk: int = 256) -> dict:
-    """Share of wrong lines (steps, final-answer line included) among all lines of greedy outputs."""
+    """Share of wrong steps among all steps of greedy outputs: wrong lines (the final-answer line
+    included) and steps never written, over lines written plus steps never written."""
     result = {}
     for split, n in (("test", n_test), ("ood", n_ood)):
         problems = common.make_split(split, n)
@@ -231,9 +246,9 @@ def step_error_rates(model, tokenizer, n_test: int, n_ood: int, max_new_tokens: 
             out = common.sample(model, tokenizer, [common.prompt_text(p) for p in part], greedy=True,
                                 max_new_tokens=max_new_tokens)
             for p, text in zip(part, out.texts):
-                steps = common.verify(p, text)["steps"] or [False]  # no line at all: one wrong step
-                wrong += steps.count(False)
-                total += len(steps)
+                graded = common.verify(p, text)
+                wrong += graded["steps"].count(False) + graded["missing"]
+                total += len(graded["steps"]) + graded["missing"]
         if n:
             result[f"{split}_step_err"] = wrong / total
     return result
@@ -242,14 +257,14 @@ def step_error_rates(model, tokenizer, n_test: int, n_ood: int, max_new_tokens: 
 def train(policy, ref_policy, tokenizer, args: Args, supervision: str, out_dir: str, device):
     """The GRPO loop with outcome or process supervision; writes out_dir/metrics.jsonl."""
     common.set_seed(args.seed)  # both supervisions see the same questions from the same random state
-    problems = common.train_problems(args.seed)
+    problems = common.train_problems(args.seed, ops=common.parse_ops(args.train_ops))
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps)))
     log = common.MetricsLog(out_dir)
     G = args.group_size
     bar = tqdm(range(1, args.steps + 1), desc=f"GRPO ({supervision})")
     for step in bar:
-        t0 = time.time()
+        t0 = common.clock(device)
         batch_problems = [next(problems) for _ in range(args.batch_size)]
         # pi_old <- pi_theta; sample G outputs o_i ~ pi_old(.|q) for each question q
         batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], G,
@@ -262,11 +277,12 @@ def train(policy, ref_policy, tokenizer, args: Args, supervision: str, out_dir: 
         else:
             advantages = grpo_outcome_advantages(outcome, G)[:, None].expand(-1, T)  # [B*G, T]: A_{i,t} = r~_i
         with torch.no_grad():
-            old_logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
             ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [B*G, T]
         policy.train()
-        for _ in range(args.mu):
+        for grpo_iteration in range(args.mu):
             logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+            if grpo_iteration == 0:  # pi_old is pi_theta before its first update: its log-probs, detached
+                old_logp = logp.detach()  # [B*G, T]
             loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, batch.completion_mask,
                                     args.clip_eps, args.beta)
             optimizer.zero_grad()
@@ -286,7 +302,7 @@ def train(policy, ref_policy, tokenizer, args: Args, supervision: str, out_dir: 
                   "steps_per_output": n_steps / len(R), "kl": stats["kl"], "clip_frac": stats["clip_frac"],
                   "loss": loss.item(), "grad_norm": grad_norm.item(), "zero_adv_groups": zero_adv,
                   "completion_len": batch.completion_mask.sum(1).float().mean().item(),
-                  "step_time": time.time() - t0}
+                  "step_time": common.clock(device) - t0}
         log.write(record)
         bar.set_postfix(acc=f"{record['accuracy']:.2f}", step_acc=f"{step_acc:.2f}",
                         steps=f"{record['steps_per_output']:.1f}", kl=f"{record['kl']:.4f}",
@@ -295,12 +311,12 @@ def train(policy, ref_policy, tokenizer, args: Args, supervision: str, out_dir: 
 
 
 def main(argv=None):
-    args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    args = common.parse_args(Args, argv)
     check_args(args)
     started = time.time()
     device = common.resolve_device(args.device)
     common.set_seed(args.seed)
-    out_dir = args.out_dir or f"runs/03_grpo_process/seed{args.seed}"
+    out_dir = args.out_dir or f"runs/03_grpo_process/ops{args.train_ops}/seed{args.seed}"
     load = lambda: common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
 
     policy, tokenizer = load()

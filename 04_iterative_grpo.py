@@ -63,7 +63,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import HfArgumentParser
 
 import common
 
@@ -87,6 +86,8 @@ class Args:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest completion"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (policy and r_phi)"})
+    scale_rewards: str = field(default="group", metadata={"help": "line 9: group (divide by the group's std, the "
+                                                                  "paper) or none (r_i - mean(r) only, Dr. GRPO)"})
     frozen_rm: bool = field(default=False, metadata={"help": "the comparison: never re-train r_phi, never reset pi_ref"})
     rm_lr: float = field(default=3e-4, metadata={"help": "Adam learning rate of the reward model r_phi"})
     rm_batch_size: int = field(default=64, metadata={"help": "outputs per r_phi training step"})
@@ -104,6 +105,10 @@ class Args:
 
 
 def check_args(args: Args):
+    """Every option before any work (common.parse_args has already refused unknown flags and nan/inf)."""
+    for name in ("lr", "rm_lr"):
+        if getattr(args, name) <= 0:
+            common.fail(f"--{name} {getattr(args, name)}: the learning rate must be finite and > 0")
     if args.group_size < 2:
         common.fail(f"--group_size {args.group_size}: GRPO needs at least 2 outputs per question to form a baseline")
     if args.beta < 0:
@@ -112,17 +117,21 @@ def check_args(args: Args):
         common.fail(f"--clip_eps {args.clip_eps}: the clip range must be in [0, 1)")
     if args.mu < 1:
         common.fail(f"--mu {args.mu}: at least one GRPO iteration per batch")
+    if args.scale_rewards not in ("group", "none"):
+        common.fail(f"--scale_rewards {args.scale_rewards!r}: use group (the paper) or none")
     if not 0 <= args.replay_fraction < 1:
         common.fail(f"--replay_fraction {args.replay_fraction}: must be in [0, 1) (some of each batch must be new data)")
-    for name in ("iterations", "steps", "batch_size", "max_new_tokens", "rm_batch_size", "rm_init_questions",
-                 "rm_eval_questions"):
-        if getattr(args, name) < 1:
-            common.fail(f"--{name} {getattr(args, name)}: must be >= 1")
-    for name in ("rm_init_steps", "rm_steps", "warmup_steps"):
-        if getattr(args, name) < 0:
-            common.fail(f"--{name} {getattr(args, name)}: must be >= 0")
+    common.check_at_least(args, 1, "iterations", "steps", "batch_size", "max_new_tokens", "rm_batch_size",
+                          "rm_init_questions", "rm_eval_questions")
+    common.check_at_least(args, 0, "sft_steps", "rm_init_steps", "rm_steps", "warmup_steps", "eval_ood", "k")  # 0: none
+    if args.eval_test < 1:
+        common.fail(f"--eval_test {args.eval_test}: must be >= 1 (greedy test accuracy is logged every iteration)")
     if args.temperature <= 0:
         common.fail(f"--temperature {args.temperature}: must be > 0 (GRPO samples, it does not decode greedily)")
+    if args.max_grad_norm <= 0:
+        common.fail(f"--max_grad_norm {args.max_grad_norm}: the gradient-norm limit must be > 0")
+    if not 0 <= args.seed < 2**32:
+        common.fail(f"--seed {args.seed}: use a seed in 0 .. {2**32 - 1}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -172,11 +181,14 @@ def examples_from_batch(batch: common.Batch, labels: list) -> list:
     Tokens, not texts, are kept, so r_phi trains on exactly the sequences it scored (a decoded text need
     not encode back to the same tokens).
     """
+    # One copy to the host per tensor, not several per row (each .tolist() or int() of a GPU tensor waits for it)
+    prompt_ids, prompt_mask = batch.prompt_ids.tolist(), batch.prompt_mask.tolist()  # [N, P] each
+    completion_ids = batch.completion_ids.tolist()  # [N, T]
+    lengths = batch.completion_mask.sum(1).tolist()  # [N]: tokens up to and including the EOS
     examples = []
     for i, label in enumerate(labels):
-        prompt = batch.prompt_ids[i][batch.prompt_mask[i].bool()].tolist()
-        completion = batch.completion_ids[i][:int(batch.completion_mask[i].sum())].tolist()
-        examples.append({"prompt": prompt, "completion": completion, "label": float(label)})
+        prompt = [t for t, m in zip(prompt_ids[i], prompt_mask[i]) if m]
+        examples.append({"prompt": prompt, "completion": completion_ids[i][:lengths[i]], "label": float(label)})
     return examples
 
 
@@ -242,15 +254,18 @@ def reset_reference(policy):
     return copy.deepcopy(policy).eval().requires_grad_(False)
 
 
-def grpo_outcome_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def grpo_outcome_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
     """Line 9: r~_i = (r_i - mean(r)) / std(r) within each group of G; 0 where the group's rewards are equal.
 
     rewards: [B*G], rows i*G..i*G+G-1 one group. Returns [B*G], the A_{i,t} of every token of o_i.
-    std is the group's population standard deviation.
+    std is the group's population standard deviation. scale=False leaves out the division by std
+    (Dr. GRPO): A = r_i - mean(r), so a group whose scores barely differ gets a small advantage.
     """
     r = rewards.view(-1, group_size)  # [B, G]
     mean = r.mean(1, keepdim=True)
     std = r.std(1, keepdim=True, unbiased=False)
+    if not scale:
+        return (r - mean).view(-1)
     safe = torch.where(std > 0, std, torch.ones_like(std))
     return torch.where(std > 0, (r - mean) / safe, torch.zeros_like(r)).view(-1)
 
@@ -309,7 +324,7 @@ def rm_agreement(reward_model, sampled: dict) -> dict:
 
 
 def main(argv=None):
-    args = HfArgumentParser(Args).parse_args_into_dataclasses(args=argv)[0]
+    args = common.parse_args(Args, argv)
     check_args(args)
     started = time.time()
     device = common.resolve_device(args.device)
@@ -343,7 +358,7 @@ def main(argv=None):
                                    args.rm_batch_size, args.replay_fraction, rng, pad_id, args.max_grad_norm)
     sampled = probe(policy, tokenizer, probe_problems, args)
     rm_now = rm_agreement(reward_model, sampled)
-    first = {"iteration": 0, "policy_updates": 0, "true_acc": sampled["labels"].mean().item(),
+    first = {"iteration": 0, "after_iteration": 0, "policy_updates": 0, "true_acc": sampled["labels"].mean().item(),
              "test_greedy": before["test_greedy"], "rm_acc_before": rm_now["rm_acc"], "rm_acc_after": rm_now["rm_acc"],
              "rm_reward": rm_now["rm_reward"], "rm_false_pos": rm_now["rm_false_pos"],
              "rm_loss_first": rm_losses[0] if rm_losses else None, "rm_loss_last": rm_losses[-1] if rm_losses else None,
@@ -364,24 +379,25 @@ def main(argv=None):
         new_data = []
         bar = tqdm(range(1, args.steps + 1), desc=f"GRPO iteration {iteration}/{args.iterations} ({mode} r_phi)")
         for step in bar:  # line 4
-            t0 = time.time()
+            t0 = common.clock(device)
             batch_problems = [next(problems) for _ in range(args.batch_size)]  # line 5
             # line 6: pi_old <- pi_theta. pi_old is the policy as it is now: it samples (line 7) and its
             # log-probs are taken once, before the update, as old_logp.
             batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], G,
                                   args.temperature, args.max_new_tokens)  # line 7
             rewards = rm_rewards(reward_model, batch)  # line 8: r_i from r_phi, never the verifier  # [B*G]
-            advantages = grpo_outcome_advantages(rewards, G)  # line 9  # [B*G]
+            advantages = grpo_outcome_advantages(rewards, G, args.scale_rewards == "group")  # line 9  # [B*G]
             token_advantages = advantages[:, None].expand_as(batch.completion_mask)  # [B*G, T]: A_{i,t} = r~_i
             # The verifier grades the outputs only to log the true accuracy and to label r_phi's next training set.
             correct = [common.verify(batch_problems[i // G], t)["correct"] for i, t in enumerate(batch.texts)]
             new_data += examples_from_batch(batch, correct)
             with torch.no_grad():
-                old_logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
                 ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [B*G, T]
             policy.train()
-            for _ in range(args.mu):  # line 10
+            for grpo_iteration in range(args.mu):  # line 10
                 logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+                if grpo_iteration == 0:  # pi_old is pi_theta before its first update: its log-probs, detached
+                    old_logp = logp.detach()  # [B*G, T]
                 loss, stats = grpo_loss(logp, old_logp, ref_logp, token_advantages, batch.completion_mask,
                                         args.clip_eps, args.beta)
                 optimizer.zero_grad()
@@ -398,7 +414,7 @@ def main(argv=None):
                       "grad_norm": grad_norm.item(), "adv_abs": advantages.abs().mean().item(),
                       "zero_adv_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
                       "completion_len": batch.completion_mask.sum(1).float().mean().item(),
-                      "step_time": time.time() - t0}
+                      "step_time": common.clock(device) - t0}
             log.write(record)
             bar.set_postfix(rm_reward=f"{record['rm_reward']:.2f}", acc=f"{record['accuracy']:.2f}",
                             kl=f"{record['kl']:.4f}", clip=f"{record['clip_frac']:.3f}")
@@ -415,7 +431,7 @@ def main(argv=None):
         rm_after = rm_agreement(reward_model, sampled)
         test_greedy = common.evaluate(policy, tokenizer, args.eval_test, 0, 0, args.temperature,
                                       args.max_new_tokens)["test_greedy"]
-        record = {"iteration": iteration, "policy_updates": policy_updates, "true_acc": sampled["labels"].mean().item(),
+        record = {"iteration": iteration, "after_iteration": iteration, "policy_updates": policy_updates, "true_acc": sampled["labels"].mean().item(),
                   "test_greedy": test_greedy, "rm_acc_before": rm_before["rm_acc"], "rm_acc_after": rm_after["rm_acc"],
                   "rm_reward": rm_before["rm_reward"], "rm_false_pos": rm_before["rm_false_pos"],
                   "rm_loss_first": rm_losses[0] if rm_losses else None,

@@ -15,8 +15,9 @@ import math
 import os
 import random
 import re
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CACHE = REPO / "cache"
+SHIPPED_SFT = REPO / "pi_sft"  # the default pi_sft, built by `python common.py` and committed: every user starts here
 SFT_STEPS = 800  # steps of the default SFT warm start
 ANSWER_ONLY_SHARE = 0.6  # share of SFT demonstrations that give the final answer line alone, no working
 
@@ -72,14 +74,29 @@ def make_split(name: str, n: int) -> list[dict]:
     return [make_problem(rng, rng.randint(lo, hi)) for _ in range(n)]
 
 
-def train_problems(seed: int, held_out: list[dict] | None = None):
-    """The endless, seeded train split: 2-4 operations, never a question of the test split."""
-    banned = {p["question"] for p in (held_out if held_out is not None else make_split("test", 500))}
+def train_problems(seed: int, held_out: list[dict] | None = None, ops: tuple = TRAIN_OPS):
+    """The endless, seeded train split: `ops` operations (2-4 by default), never a question of the
+    test or OOD split."""
+    if held_out is None:
+        held_out = make_split("test", 500) + make_split("ood", 500)
+    banned = {p["question"] for p in held_out}
     rng = random.Random(seed)
     while True:
-        problem = make_problem(rng, rng.randint(*TRAIN_OPS))
+        problem = make_problem(rng, rng.randint(*ops))
         if problem["question"] not in banned:
             yield problem
+
+
+def parse_ops(text: str, flag: str = "--train_ops") -> tuple:
+    """'2-4' -> (2, 4), '5' -> (5, 5): a range of operations per problem, checked."""
+    try:
+        lo, _, hi = text.partition("-")
+        lo, hi = int(lo), int(hi or lo)
+    except ValueError:
+        fail(f"{flag} {text!r}: give a range of operations per problem such as 2-4 or 5-6")
+    if not 1 <= lo <= hi <= 8:
+        fail(f"{flag} {text!r}: operations per problem must be between 1 and 8, low to high, e.g. 2-4")
+    return lo, hi
 
 
 def prompt_text(problem: dict) -> str:
@@ -120,19 +137,25 @@ def split_lines(text: str) -> list[str]:
 def verify(problem: dict, text: str) -> dict:
     """Grade a completion. Never raises, whatever the text.
 
-    Returns {"correct": final answer right, "answer": the int after "####" or None,
-             "steps": one bool per line of the text}. A line is a correct step when it is
-    "a<op>b=c" with a the previous line's result (the start value for line 1), <op>b the problem's
-    operation of that line, and c = a<op>b exactly; the "#### n" line is correct when n is the answer.
+    Returns {"correct": final answer right, "answer": the int after the first "####" or None,
+             "steps": one bool per line of the text,
+             "missing": how many of the solution's steps the text never wrote}.
+    A line is a correct step when it is "a<op>b=c" with a the previous line's result (the start value
+    for line 1), <op>b the problem's operation of that line, and c = a<op>b exactly; the first
+    "#### n" line is correct when n is the answer. The solution ends there: any line after it is a
+    wrong step. A complete solution has one line per operation and the answer line; "missing" counts
+    the operations not written before the answer line, plus the answer line itself if there is none,
+    so that a solution cut short can be charged for what it left out (lesson 03).
     """
-    steps, answer, prev = [], None, problem["start"]
+    steps, answer, prev, worked = [], None, problem["start"], 0
     for j, line in enumerate(split_lines(text)):
+        if answer is not None:  # after the answer line: the solution should have ended
+            steps.append(False)
+            continue
         m = ANSWER_RE.fullmatch(line)
         if m:
-            value = int(m.group(1))
-            if answer is None:
-                answer = value
-            steps.append(value == problem["answer"])
+            answer = int(m.group(1))
+            steps.append(answer == problem["answer"])
             continue
         m = STEP_RE.fullmatch(line)
         ok = False
@@ -141,7 +164,10 @@ def verify(problem: dict, text: str) -> dict:
             ok = (a == prev and (op, b) == problem["ops"][j] and c == apply_op(a, op, b))
             prev = c
         steps.append(ok)
-    return {"correct": answer is not None and answer == problem["answer"], "answer": answer, "steps": steps}
+        worked += 1
+    missing = max(0, len(problem["ops"]) - worked) + (answer is None)
+    return {"correct": answer is not None and answer == problem["answer"], "answer": answer, "steps": steps,
+            "missing": missing}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,6 +207,29 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
+def parse_args(args_class, argv=None):
+    """A lesson's Args from the command line (or argv). An unknown or mistyped flag (abbreviations
+    included) is argparse's usage error naming it, exit code 2; a float that is nan or inf is one line."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(args_class, allow_abbrev=False)
+    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (--help lists every option)")
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{f.name} {value}: must be a finite number")
+    return args
+
+
+def check_at_least(args, minimum: int, *names: str):
+    """Counts: each of `names` must be >= minimum (0 where 0 means "skip", else 1)."""
+    for name in names:
+        if getattr(args, name) < minimum:
+            fail(f"--{name} {getattr(args, name)}: must be >= {minimum}")
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' is CUDA when there is a GPU, else the CPU."""
     if name == "auto":
@@ -191,9 +240,22 @@ def resolve_device(name: str) -> torch.device:
         fail(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         fail(f"--device {name!r} asks for a GPU but torch sees none: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        fail(f"--device {name!r}: this machine has {n} GPU{'s' if n > 1 else ''} (cuda:0 .. cuda:{n - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {name!r} asks for Apple's GPU but torch sees none: use --device cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         fail(f"--device {name!r} is not supported: use auto, cpu, cuda or cuda:N")
     return device
+
+
+def clock(device) -> float:
+    """Wall time, after the GPU has finished what it was given (CUDA runs asynchronously): time a step
+    with it at both ends, so the backward pass and the optimizer step are inside."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
 
 
 def set_seed(seed: int):
@@ -209,10 +271,13 @@ def load_policy(model: str = "tiny", sft_steps: int = SFT_STEPS, device: str | t
                 cache_dir: str | Path | None = None, seed: int = 0):
     """The SFT model pi_sft and its tokenizer: the starting point (and reference) of every lesson.
 
-    model="tiny" builds the course's default character-level Llama; anything else is a folder or hub id
-    loaded with from_pretrained. Either way the model is warm-started with `sft_steps` steps of
-    supervised fine-tuning on task demonstrations the first time, saved to `cache_dir`, and loaded
-    from there every later time.
+    The default (model="tiny", SFT_STEPS steps, seed 0) is the pi_sft committed in ./pi_sft, so every
+    user starts from the same weights on every machine and device. Anything else is built the first
+    time: model="tiny" builds the course's character-level Llama, any other name is a folder or hub id
+    loaded with from_pretrained; either way `sft_steps` steps of supervised fine-tuning on task
+    demonstrations, saved to `cache_dir` under a key of everything that decides the weights (the code
+    that builds them, the settings, the device type, torch's version, a local folder's files), and
+    loaded from there every later time.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -222,14 +287,45 @@ def load_policy(model: str = "tiny", sft_steps: int = SFT_STEPS, device: str | t
     looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
     if model != "tiny" and looks_like_path and not Path(model).expanduser().exists():
         fail(f"--model {model!r} does not exist: give a folder saved with save_pretrained, a hub id, or 'tiny'")
-    cache_dir = Path(cache_dir or os.environ.get("PPO_GRPO_CACHE", DEFAULT_CACHE))
-    path = cache_dir / f"sft-{_slug(model)}-{sft_steps}steps-answeronly{ANSWER_ONLY_SHARE}-seed{seed}"
-    if not (path / "config.json").exists():
-        _build_sft_model(model, sft_steps, device, path, seed)
-    # Always load from the cache folder, so a first run and a later run start from the same weights.
+    if model == "tiny" and sft_steps == SFT_STEPS and seed == 0 and (SHIPPED_SFT / "config.json").exists():
+        path = SHIPPED_SFT
+    else:
+        cache_dir = Path(cache_dir or os.environ.get("PPO_GRPO_CACHE", DEFAULT_CACHE))
+        path = cache_dir / f"sft-{_slug(model)}-{sft_steps}steps-seed{seed}-{device.type}-{sft_key(model, sft_steps, seed, device)}"
+        if not (path / "config.json").exists():
+            _build_sft_model(model, sft_steps, device, path, seed)
+    # Always load from the folder, so a first run and a later run start from the same weights.
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return _prepare(policy, tokenizer, device), tokenizer
+
+
+def sft_code_fingerprint() -> str:
+    """A hash of the code and constants that decide pi_sft's weights (the task, the model, the SFT loop)."""
+    import hashlib
+    import inspect
+
+    code = [make_problem, apply_op, make_split, train_problems, prompt_text, answer_only_text, sft_demonstration,
+            solution_text, build_char_tokenizer, build_tiny_model, _build_sft_model, _prepare, sft_warm_start,
+            build_batch, _finish, token_logprobs]
+    h = hashlib.sha256("".join(inspect.getsource(f) for f in code).encode())
+    h.update(repr((ANSWER_ONLY_SHARE, TRAIN_OPS, OOD_OPS, TEST_SEED, OOD_SEED, MAX_VALUE)).encode())
+    return h.hexdigest()[:12]
+
+
+def sft_key(model: str, sft_steps: int, seed: int, device: torch.device) -> str:
+    """The cache key of a built pi_sft: the code fingerprint, the settings, the device type, torch's version,
+    and for a local --model folder the names, sizes and times of its files (a changed folder is rebuilt)."""
+    import hashlib
+
+    h = hashlib.sha256(repr((sft_code_fingerprint(), model, sft_steps, seed, device.type,
+                             torch.__version__.split("+")[0])).encode())
+    local = Path(model).expanduser()
+    if model != "tiny" and local.is_dir():
+        for f in sorted(local.rglob("*")):
+            if f.is_file():
+                h.update(f"{f.relative_to(local)} {f.stat().st_size} {f.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:10]
 
 
 def _build_sft_model(model: str, sft_steps: int, device, path: Path, seed: int):
@@ -452,6 +548,34 @@ def evaluate(model, tokenizer, n_test: int = 200, n_ood: int = 200, k: int = 8, 
     return result
 
 
+@torch.no_grad()
+def maj_pass_curve(model, tokenizer, problems: list, ks: list, temperature: float = 0.7, max_new_tokens: int = 64,
+                   chunk: int = 256) -> dict:
+    """Maj@K and Pass@K for every K in ks, from N = max(ks) samples per problem (the paper's Figure 7).
+
+    Pass@K is the unbiased estimate 1 - C(N-c, K) / C(N, K) from the c right samples among N; Maj@K is
+    the mean of majority_correct over the N // K disjoint blocks of K samples. Returns
+    {"maj@K": share, "pass@K": share} for each K.
+    """
+    N = max(ks)
+    right, blocks = [], {k: [] for k in ks}
+    per_chunk = max(1, chunk // N)
+    for i in range(0, len(problems), per_chunk):
+        part = problems[i:i + per_chunk]
+        out = sample(model, tokenizer, [prompt_text(p) for p in part], group_size=N, temperature=temperature,
+                     max_new_tokens=max_new_tokens)
+        for j, p in enumerate(part):
+            texts = out.texts[j * N:(j + 1) * N]
+            right.append(sum(verify(p, t)["correct"] for t in texts))
+            for k in ks:
+                blocks[k].append(sum(majority_correct(p, texts[b * k:(b + 1) * k]) for b in range(N // k)) / (N // k))
+    result = {}
+    for k in ks:
+        result[f"maj@{k}"] = sum(blocks[k]) / len(problems)
+        result[f"pass@{k}"] = sum(1 - math.comb(N - c, k) / math.comb(N, k) for c in right) / len(problems)
+    return result
+
+
 def results_table(rows: dict) -> str:
     """A Markdown table: one row per name (e.g. "SFT model", "after GRPO"), one column per metric."""
     names = list(rows)
@@ -475,3 +599,30 @@ class MetricsLog:
     def write(self, record: dict):
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    # python common.py: rebuild the committed default pi_sft in ./pi_sft from scratch (SFT_STEPS steps, seed 0;
+    # about 3 min on a 2-core CPU) and record what built it. tests/test_common.py checks that it is current.
+    import shutil
+    import sys
+    import time
+
+    started = time.time()
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else SHIPPED_SFT
+    tmp = out.with_name(out.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _build_sft_model("tiny", SFT_STEPS, torch.device("cpu"), tmp, seed=0)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp, padding_side="left")
+    policy = _prepare(AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32), tokenizer, torch.device("cpu"))
+    set_seed(0)
+    result = evaluate(policy, tokenizer, n_test=200, n_ood=200, k=8)
+    (tmp / "build.json").write_text(json.dumps({
+        "command": "python common.py", "sft_steps": SFT_STEPS, "seed": 0, "device": "cpu",
+        "code_fingerprint": sft_code_fingerprint(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "build_seconds": round(time.time() - started), **result}, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"pi_sft rebuilt in {out} in {time.time() - started:.0f}s: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()))

@@ -9,6 +9,8 @@ one line per method, so the methods can be compared in the same panel.
 Run:  python plot_curves.py runs/02_grpo_outcome/seed*/metrics.jsonl --out figures/02_grpo_outcome.png
       python plot_curves.py runs/02_grpo_outcome/seed*/metrics.jsonl --mean   (adds the mean over seeds)
       python plot_curves.py runs/05_unified/seed0/metrics.jsonl --metrics reward test_greedy
+      python plot_curves.py runs/04_iterative_grpo/*/metrics.jsonl --x after_iteration --metrics test_greedy rm_acc_before
+      python plot_curves.py runs/02_grpo_outcome/seed*/metrics.jsonl --maj_pass   (Maj@K and Pass@K against K)
 
 Needs matplotlib, which the lessons do not: pip install matplotlib
 """
@@ -25,6 +27,11 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="figures/curves.png", help="the PNG to write (folders are created)")
     parser.add_argument("--metrics", nargs="+", default=["reward", "accuracy", "kl", "test_greedy"],
                         help="keys to draw, one panel each; a key no line has is left out")
+    parser.add_argument("--x", default="step", help="the key on the x axis; lines without it are left out "
+                                                    "(lesson 04's per-iteration lines: after_iteration)")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (lesson 05), e.g. RFT 'Online RFT'")
+    parser.add_argument("--maj_pass", action="store_true", help="draw Maj@K and Pass@K against K from the lines "
+                                                               "lesson 02 writes with --maj_pass_k, one panel per split")
     parser.add_argument("--mean", action="store_true",
                         help="also draw the mean over files (seeds) of each method, as a thick line")
     parser.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (1: none)")
@@ -37,8 +44,8 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
-def read_steps(path: str) -> list[dict]:
-    """The per-step lines of a metrics.jsonl: skips the final line, blank lines and lines with no step."""
+def read_lines(path: str) -> list[dict]:
+    """Every JSON object of a metrics.jsonl, blank lines skipped."""
     if not Path(path).is_file():
         fail(f"{path} is not a file: give the metrics.jsonl files a lesson wrote under runs/")
     rows = []
@@ -49,25 +56,62 @@ def read_steps(path: str) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             fail(f"{path}, line {n} is not JSON")
-        if isinstance(row, dict) and not row.get("final") and isinstance(row.get("step"), (int, float)):
+        if isinstance(row, dict):
             rows.append(row)
     return rows
+
+
+def read_steps(path: str, x: str = "step") -> list[dict]:
+    """The per-step lines of a metrics.jsonl: skips the final lines and the lines with no `x`."""
+    return [row for row in read_lines(path) if not row.get("final") and is_number(row.get(x))]
 
 
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def curves(files: list[str], metric: str) -> dict:
-    """{(method, label): ([steps], [values])} for one metric; rows without the metric are skipped."""
+def curves(files: list[str], metric: str, x: str = "step", methods=None) -> dict:
+    """{(method, label): ([x values], [values])} for one metric; rows without the metric are skipped."""
     out = {}
     for path in files:
         label = Path(path).parent.name or path
-        for row in read_steps(path):
-            if is_number(row.get(metric)):
+        for row in read_steps(path, x):
+            if is_number(row.get(metric)) and (methods is None or row.get("method") in methods):
                 xs, ys = out.setdefault((row.get("method"), label), ([], []))
-                xs.append(row["step"])
+                xs.append(row[x])
                 ys.append(row[metric])
+    return out
+
+
+def maj_pass_figure(files: list[str], out: str, title: str, plt):
+    """The paper's Figure 7: Maj@K and Pass@K against K, mean over files, one panel per split."""
+    found = [row for path in files for row in read_lines(path) if isinstance(row.get("maj_pass"), dict)]
+    if not found:
+        fail(f"no line in {', '.join(files)} has Maj@K / Pass@K: run lesson 02 with --maj_pass_k 64")
+    ks = found[0]["ks"]
+    splits = list(dict.fromkeys(name.split(", ")[0] for name in found[0]["maj_pass"]))
+    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 3.8), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        models = [name for name in found[0]["maj_pass"] if name.startswith(split + ", ")]
+        for colour, name in zip(("tab:blue", "tab:orange"), models):
+            for kind, style in (("maj", "-"), ("pass", "--")):
+                ys = [100 * sum(r["maj_pass"][name][f"{kind}@{k}"] for r in found) / len(found) for k in ks]
+                ax.plot(ks, ys, style, color=colour, marker="o", markersize=3,
+                        label=f"{kind.capitalize()}@K, {name.split(', ', 1)[1]}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("K")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(f"{split} split, mean of {len(found)} run(s), T={found[0]['temperature']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}: Maj@K and Pass@K for K = {ks}, {len(found)} file(s)")
     return out
 
 
@@ -97,7 +141,9 @@ def main(argv=None):
     except ImportError:
         fail("plot_curves.py needs matplotlib: pip install matplotlib")
 
-    panels = {m: curves(args.files, m) for m in args.metrics}
+    if args.maj_pass:
+        return maj_pass_figure(args.files, args.out, args.title, plt)
+    panels = {m: curves(args.files, m, args.x, args.methods) for m in args.metrics}
     panels = {m: c for m, c in panels.items() if c}
     if not panels:
         fail(f"no step line in {', '.join(args.files)} has any of: {', '.join(args.metrics)}")
@@ -126,7 +172,7 @@ def main(argv=None):
                 ax.plot(xs, moving_average(ys, args.smooth), color=mean_colour, linewidth=2.2,
                         label=" ".join(p for p in (method, f"mean of {len(ours)}") if p))
         ax.set_title(metric)
-        ax.set_xlabel("step")
+        ax.set_xlabel(args.x)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)

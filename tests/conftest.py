@@ -33,3 +33,26 @@ def sft_policy(cache_dir):
     import common
 
     return common.load_policy("tiny", common.SFT_STEPS, "cpu", cache_dir)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail a test whose main() gets as far as loading a model: a bad option must stop it before any work."""
+    import common
+
+    monkeypatch.setattr(common, "load_policy",
+                        lambda *a, **kw: pytest.fail("a model was loaded: the bad option got through"))
+
+
+def error_line(main, argv, capsys) -> str:
+    """The one line main(argv) stops with: common.fail's "error: ...", or argparse's usage error (exit code 2:
+    the usage, then "prog: error: ..." on stderr). No traceback, one "error:" line."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    if stop.value.code == 2:
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[0].startswith("usage:") and sum("error:" in line for line in lines) == 1, lines
+        return lines[-1]
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import load_lesson
+from conftest import error_line, load_lesson
 
 ppo = load_lesson("01_ppo")
 
@@ -156,11 +156,19 @@ def test_value_model_reads_the_state_before_each_token(tmp_path):
     ("--lam", "1.5", "--lam 1.5"), ("--lam", "-0.1", "--lam -0.1"), ("--gamma", "1.01", "--gamma 1.01"),
     ("--gamma", "-1", "--gamma -1"), ("--ppo_epochs", "0", "--ppo_epochs 0"),
     ("--minibatch_size", "9", "larger than --batch_size 8"),
+    ("--lr", "-1", "error: --lr -1.0: the learning rate must be finite and > 0"),
+    ("--lr", "nan", "error: --lr nan: must be a finite number"),
+    ("--value_lr", "0", "error: --value_lr 0.0: the learning rate must be finite and > 0"),
+    ("--value_lr", "inf", "error: --value_lr inf: must be a finite number"),
+    ("--k", "-1", "error: --k -1: must be >= 0"), ("--eval_test", "-5", "error: --eval_test -5: must be >= 0"),
+    ("--grop_size", "4", "error: unrecognized arguments: --grop_size 4"),
+    ("--value_clip", "-0.1", "--value_clip -0.1"), ("--clip_eps", "1", "--clip_eps 1.0"),
+    ("--max_grad_norm", "-1", "--max_grad_norm -1.0"), ("--temperature", "0", "--temperature 0.0"),
+    ("--beta", "-0.1", "--beta -0.1"), ("--steps", "0", "--steps 0: must be >= 1"), ("--seed", "-1", "--seed -1"),
 ])
-def test_bad_arguments_are_one_line_errors(flag, value, message, tmp_path):
-    with pytest.raises(SystemExit, match=message):
-        ppo.main(["--batch_size", "8", "--minibatch_size", "4", flag, value, "--device", "cpu",
-                  "--out_dir", str(tmp_path)])
+def test_bad_arguments_are_one_line_errors(flag, value, message, tmp_path, capsys, no_model):
+    argv = ["--batch_size", "8", "--minibatch_size", "4", flag, value, "--device", "cpu", "--out_dir", str(tmp_path)]
+    assert message in error_line(ppo.main, argv, capsys)
 
 
 def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):

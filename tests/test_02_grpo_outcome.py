@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import common
-from conftest import TINY, load_lesson
+from conftest import TINY, error_line, load_lesson
 
 grpo = load_lesson("02_grpo_outcome")
 
@@ -78,13 +78,29 @@ def test_loss_normalises_per_output_then_over_outputs_and_adds_kl():
     assert logp.grad[1, 0].item() == pytest.approx(1.0 / 1 / 2, abs=1e-6)
 
 
-def test_bad_arguments_are_one_line_errors(cache_dir):
-    cases = [(["--group_size", "1"], "--group_size 1"), (["--beta", "-0.1"], "--beta -0.1"),
-             (["--clip_eps", "-0.2"], "--clip_eps -0.2"), (["--device", "gpu0"], "--device 'gpu0'"),
-             (["--model", "./no/such/folder"], "does not exist"), (["--mu", "0"], "--mu 0")]
-    for extra, message in cases:
-        with pytest.raises(SystemExit, match=message):
-            grpo.main(TINY + ["--cache_dir", cache_dir] + extra)
+@pytest.mark.parametrize("extra,message", [
+    (["--lr", "-1"], "error: --lr -1.0: the learning rate must be finite and > 0"),
+    (["--lr", "nan"], "error: --lr nan: must be a finite number"),
+    (["--beta", "inf"], "error: --beta inf: must be a finite number"),
+    (["--k", "-1"], "error: --k -1: must be >= 0"), (["--eval_test", "-5"], "error: --eval_test -5: must be >= 0"),
+    (["--grop_size", "4"], "error: unrecognized arguments: --grop_size 4"),
+    (["--group", "4"], "error: unrecognized arguments: --group 4"),  # no abbreviations
+    (["--lr", "abc"], "error: argument --lr: invalid float value: 'abc'"),
+    (["--group_size", "1"], "--group_size 1"), (["--beta", "-0.1"], "--beta -0.1"),
+    (["--clip_eps", "-0.2"], "--clip_eps -0.2"), (["--device", "gpu0"], "--device 'gpu0'"), (["--mu", "0"], "--mu 0"),
+    (["--warmup_steps", "-1"], "--warmup_steps -1: must be >= 0"), (["--steps", "0"], "--steps 0: must be >= 1"),
+    (["--sft_steps", "-1"], "--sft_steps -1: must be >= 0"), (["--temperature", "0"], "--temperature 0.0"),
+    (["--max_grad_norm", "0"], "--max_grad_norm 0.0"), (["--seed", "-1"], "--seed -1"),
+    (["--maj_pass_k", "-1"], "--maj_pass_k -1: must be >= 0"), (["--maj_pass_problems", "0"], "--maj_pass_problems 0"),
+    (["--maj_pass_temperature", "0"], "--maj_pass_temperature 0.0: must be > 0"),
+])
+def test_bad_arguments_are_one_line_errors(extra, message, capsys, no_model):
+    assert message in error_line(grpo.main, ["--device", "cpu"] + extra, capsys)
+
+
+def test_a_missing_model_folder_is_a_one_line_error(cache_dir):
+    with pytest.raises(SystemExit, match="does not exist"):
+        grpo.main(TINY + ["--cache_dir", cache_dir, "--model", "./no/such/folder"])
 
 
 def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):

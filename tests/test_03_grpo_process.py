@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from conftest import TINY, load_lesson
+from conftest import TINY, error_line, load_lesson
 
 lesson = load_lesson("03_grpo_process")
 
@@ -36,26 +36,45 @@ def reference_advantages(rewards, index, group_size, T):
 
 
 def test_step_rewards_and_advantages_hand_worked(tokenizer):
-    """Three outputs with 4, 3 and 0 steps: right, wrong from step 2 on, and an immediate EOS."""
+    """Three outputs: right; wrong from step 2 on and one operation short; an immediate EOS."""
     texts = ["7+5=12\n12*3=36\n36-9=27\n#### 27\n",  # 4 correct steps, ends at tokens 6, 14, 22, 30; EOS at 31
-             "7+5=12\n12*3=35\n#### 35\n",  # right, wrong, wrong answer: ends 6, 14, 22; EOS at 23
-             ""]  # garbage: EOS at once, no step at all
+             "7+5=12\n12*3=35\n#### 35\n",  # right, wrong, wrong answer (ends 6, 14, 22), "-9" never written; EOS at 23
+             ""]  # garbage: EOS at once, all 4 steps missing
     batch = common.build_batch(tokenizer, ["7+5*3-9\n"] * 3, texts, "cpu")
     rewards, index = lesson.step_rewards([PROBLEM], batch, group_size=3)
-    assert rewards == [[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0]]
-    assert index == [[6, 14, 22, 30], [6, 14, 22], [0]]  # the empty output is rewarded at its EOS
+    assert rewards == [[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    assert index == [[6, 14, 22, 30], [6, 14, 22, 23], [0, 0, 0, 0]]  # missing steps end at the last token
 
-    # R has 8 step rewards, five 1s and three 0s: mean 5/8, std sqrt(5/8 * 3/8) = sqrt(15)/8,
-    # so a right step is normalised to +3/sqrt(15) and a wrong one to -5/sqrt(15).
+    # R has 12 step rewards, five 1s and seven 0s: mean 5/12, std sqrt(5/12 * 7/12) = sqrt(35)/12,
+    # so a right step is normalised to +7/sqrt(35) and a wrong or missing one to -5/sqrt(35).
     T = batch.completion_ids.shape[1]
     A = lesson.grpo_process_advantages(rewards, index, 3, T)
-    u = 1 / math.sqrt(15)
+    u = 1 / math.sqrt(35)
     expected = torch.zeros(3, T)
-    expected[0, 0:7], expected[0, 7:15], expected[0, 15:23], expected[0, 23:31] = 12 * u, 9 * u, 6 * u, 3 * u
-    expected[1, 0:7], expected[1, 7:15], expected[1, 15:23] = -7 * u, -10 * u, -5 * u
-    expected[2, 0] = -5 * u
+    expected[0, 0:7], expected[0, 7:15], expected[0, 15:23], expected[0, 23:31] = 28 * u, 21 * u, 14 * u, 7 * u
+    expected[1, 0:7], expected[1, 7:15], expected[1, 15:23], expected[1, 23] = -8 * u, -15 * u, -10 * u, -5 * u
+    expected[2, 0] = -20 * u
     assert torch.allclose(A, expected, atol=1e-6)
     assert torch.allclose(A, reference_advantages(rewards, index, 3, T), atol=1e-6)
+
+
+def test_a_solution_cut_short_never_out_scores_the_complete_right_one(tokenizer):
+    """Every prefix of the right solution (cut anywhere, then EOS), and the right answer given with no
+    working, or repeated: in a group with the complete right solution, none gets a higher advantage at
+    any of its tokens' starts, nor a higher sum of step rewards. Without the missing steps, "7+5=12\n"
+    alone would be a perfect output."""
+    complete = solution = common.solution_text(PROBLEM)  # "7+5=12\n12*3=36\n36-9=27\n#### 27\n"
+    others = [solution[:n] for n in range(len(solution) - 1)] + ["#### 27\n", solution + "#### 27\n#### 27\n"]
+    for other in others:
+        batch = common.build_batch(tokenizer, ["7+5*3-9\n"] * 2, [complete, other], "cpu")
+        rewards, index = lesson.step_rewards([PROBLEM], batch, 2)
+        assert sum(rewards[0]) / len(rewards[0]) > sum(rewards[1]) / len(rewards[1]), other
+        A = lesson.grpo_process_advantages(rewards, index, 2, batch.completion_ids.shape[1])
+        assert A[0, 0] > A[1, 0], other
+    batch = common.build_batch(tokenizer, ["7+5*3-9\n"] * len(others + [complete]), others + [complete], "cpu")
+    A = lesson.grpo_process_advantages(*lesson.step_rewards([PROBLEM], batch, len(others) + 1), len(others) + 1,
+                                       batch.completion_ids.shape[1])
+    assert A[-1, 0] == A[:, 0].max() and (A[:-1, 0] < A[-1, 0]).all()
 
 
 def test_normalisation_uses_all_step_rewards_of_the_group():
@@ -96,13 +115,14 @@ def test_zero_advantage_after_the_last_step_and_matches_loop_reference():
     assert torch.allclose(A, reference_advantages(rewards, index, G, T), atol=1e-5)
     for i, ends in enumerate(index):
         assert (A[i, ends[-1] + 1:] == 0).all()  # the EOS and padding after the last step end
-    # in a real batch: the EOS of a finished output carries no advantage
+    # in a real batch: the EOS of a complete output carries no advantage, that of one cut short its missing steps
     tok = common.build_char_tokenizer()
-    batch = common.build_batch(tok, ["7+5*3-9\n"] * 2, ["7+5=12\n#### 12\n", "7+5=13\n"], "cpu")
-    R, idx = lesson.step_rewards([PROBLEM], batch, 2)
-    A = lesson.grpo_process_advantages(R, idx, 2, batch.completion_ids.shape[1])
+    texts = ["7+5=12\n12*3=36\n36-9=27\n#### 27\n", "7+5=12\n12*3=36\n36-9=26\n#### 26\n", "7+5=13\n"]
+    batch = common.build_batch(tok, ["7+5*3-9\n"] * 3, texts, "cpu")
+    R, idx = lesson.step_rewards([PROBLEM], batch, 3)
+    A = lesson.grpo_process_advantages(R, idx, 3, batch.completion_ids.shape[1])
     eos = batch.completion_mask.sum(1) - 1
-    assert A[0, eos[0]] == 0 and A[1, eos[1]] == 0 and (A[:, 0] != 0).all()
+    assert A[0, eos[0]] == 0 and A[1, eos[1]] == 0 and A[2, eos[2]] < 0 and A[0, 0] > 0 > A[2, 0]
 
 
 def test_outcome_mode_matches_lesson_02():
@@ -131,11 +151,19 @@ def test_a_token_that_ends_two_steps_gets_both_rewards():
     assert torch.allclose(A, reference_advantages(rewards, index, 2, 6), atol=1e-6)
 
 
-def test_bad_arguments_are_one_line_errors():
-    for extra, message in [(["--supervision", "steps"], "--supervision 'steps'"),
-                           (["--group_size", "1"], "--group_size 1"), (["--warmup_steps", "-1"], "--warmup_steps -1")]:
-        with pytest.raises(SystemExit, match=message):
-            lesson.main(extra)
+@pytest.mark.parametrize("extra,message", [
+    (["--supervision", "steps"], "--supervision 'steps'"), (["--group_size", "1"], "--group_size 1"),
+    (["--warmup_steps", "-1"], "--warmup_steps -1"),
+    (["--lr", "-1"], "error: --lr -1.0: the learning rate must be finite and > 0"),
+    (["--lr", "nan"], "error: --lr nan: must be a finite number"),
+    (["--k", "-1"], "error: --k -1: must be >= 0"), (["--eval_test", "-5"], "error: --eval_test -5: must be >= 0"),
+    (["--grop_size", "4"], "error: unrecognized arguments: --grop_size 4"),
+    (["--train_ops", "4-2"], "--train_ops '4-2'"), (["--mu", "0"], "--mu 0"), (["--eval_ood", "-1"], "--eval_ood -1"),
+    (["--max_grad_norm", "0"], "--max_grad_norm 0.0"),
+    (["--clip_eps", "inf"], "--clip_eps inf: must be a finite number"),
+])
+def test_bad_arguments_are_one_line_errors(extra, message, capsys, no_model):
+    assert message in error_line(lesson.main, extra, capsys)
 
 
 def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
-from conftest import TINY, load_lesson
+from conftest import TINY, error_line, load_lesson
 
 lesson = load_lesson("04_iterative_grpo")
 
@@ -190,8 +190,53 @@ def test_frozen_switch_keeps_r_phi_and_pi_ref(cache_dir, tmp_path, sft):
     assert steps[2]["kl"] > 0  # iteration 2 starts away from pi_ref: no reset
 
 
-def test_bad_arguments_are_one_line_errors():
-    for bad, match in [(["--replay_fraction", "1.0"], "replay_fraction"), (["--group_size", "1"], "group_size"),
-                       (["--iterations", "0"], "iterations"), (["--rm_steps", "-1"], "rm_steps")]:
-        with pytest.raises(SystemExit, match=match):
-            lesson.main(bad)
+@pytest.mark.parametrize("bad,match", [
+    (["--replay_fraction", "1.0"], "replay_fraction"), (["--group_size", "1"], "group_size"),
+    (["--iterations", "0"], "iterations"), (["--rm_steps", "-1"], "rm_steps"),
+    (["--lr", "-1"], "error: --lr -1.0: the learning rate must be finite and > 0"),
+    (["--lr", "nan"], "error: --lr nan: must be a finite number"),
+    (["--rm_lr", "0"], "error: --rm_lr 0.0: the learning rate must be finite and > 0"),
+    (["--replay_fraction", "nan"], "error: --replay_fraction nan: must be a finite number"),
+    (["--k", "-1"], "error: --k -1: must be >= 0"), (["--eval_test", "-5"], "error: --eval_test -5: must be >= 1"),
+    (["--eval_test", "0"], "--eval_test 0: must be >= 1"),  # greedy test accuracy is logged every iteration
+    (["--grop_size", "4"], "error: unrecognized arguments: --grop_size 4"),
+    (["--rm_init_steps", "-1"], "--rm_init_steps -1"), (["--rm_batch_size", "0"], "--rm_batch_size 0"),
+    (["--max_grad_norm", "0"], "--max_grad_norm 0.0"), (["--seed", "-1"], "--seed -1"),
+])
+def test_bad_arguments_are_one_line_errors(bad, match, capsys, no_model):
+    assert match in error_line(lesson.main, bad, capsys)
+
+
+def test_grpo_copies_match_lesson_02():
+    """The outcome advantages, k3 and the GRPO loss are lesson 02's, copied on purpose: pinned to it."""
+    lesson02 = load_lesson("02_grpo_outcome")
+    torch.manual_seed(0)
+    for G in (2, 3, 4, 8):
+        for rewards in ((torch.rand(6 * G) < 0.4).float(), torch.rand(6 * G)):  # 0/1, and r_phi's probabilities
+            rewards[:G] = rewards[0]  # one group whose rewards are all equal
+            assert torch.equal(lesson.grpo_outcome_advantages(rewards, G), lesson02.grpo_outcome_advantages(rewards, G))
+    for clip_eps, beta in ((0.2, 0.04), (0.1, 0.0), (0.3, 1.0)):
+        logp, old, ref = (torch.randn(5, 7) - 1 for _ in range(3))
+        adv, mask = torch.randn(5, 7), (torch.rand(5, 7) < 0.8).long()
+        assert torch.equal(lesson.kl_k3(logp, ref), lesson02.kl_k3(logp, ref))
+        ours_logp, their_logp = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+        ours, ours_stats = lesson.grpo_loss(ours_logp, old, ref, adv, mask, clip_eps, beta)
+        theirs, their_stats = lesson02.grpo_loss(their_logp, old, ref, adv, mask, clip_eps, beta)
+        assert torch.equal(ours, theirs) and ours_stats == their_stats
+        ours.backward()
+        theirs.backward()
+        assert torch.equal(ours_logp.grad, their_logp.grad)
+
+
+def test_examples_from_batch_keep_the_unpadded_tokens_and_collate_rebuilds_the_batch():
+    tokenizer = common.build_char_tokenizer()
+    prompts, texts = ["7+5*3-9\n", "1+1\n", "2*3+4\n"], [RIGHT, "", "2*3=6\n"]
+    batch = common.build_batch(tokenizer, prompts, texts, "cpu")
+    examples = lesson.examples_from_batch(batch, [True, False, False])
+    for e, prompt, text in zip(examples, prompts, texts):
+        assert e["prompt"] == tokenizer(prompt)["input_ids"]
+        assert e["completion"] == tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert [e["label"] for e in examples] == [1.0, 0.0, 0.0]
+    prompt_ids, prompt_mask, completion_ids, completion_mask, _ = lesson.collate(examples, tokenizer.pad_token_id, "cpu")
+    assert torch.equal(prompt_ids, batch.prompt_ids) and torch.equal(prompt_mask, batch.prompt_mask)
+    assert torch.equal(completion_ids, batch.completion_ids) and torch.equal(completion_mask, batch.completion_mask)

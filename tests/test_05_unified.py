@@ -1,6 +1,7 @@
 """Lesson 05: every method's own loss has the gradient of the one unified loss, eq. (5)."""
 import json
 import math
+import random
 import time
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from conftest import TINY, load_lesson
+from conftest import TINY, error_line, load_lesson
 
 L = load_lesson("05_unified")
 
@@ -158,8 +159,9 @@ def test_outcome_advantages_by_hand():
 def test_process_advantages_by_hand(tiny):
     *_, batch = tiny
     adv = L.grpo_process_advantages(PROBLEMS, batch, G)
-    # group 1: steps [T, T, T, T] and [T, F, F]; R has 5 ones and 2 zeros
-    mean, std = 5 / 7, math.sqrt(5 / 7 * 2 / 7)
+    # group 1: steps [T, T, T, T] and [T, F, F] + the "-9" step never written (0, at the EOS, token 23);
+    # R has 5 ones and 3 zeros
+    mean, std = 5 / 8, math.sqrt(5 / 8 * 3 / 8)
     up, down = (1 - mean) / std, (0 - mean) / std
     ends0, ends1 = batch.step_ends[0], batch.step_ends[1]
     assert ends0 == [6, 14, 22, 30] and ends1 == [6, 14, 22]
@@ -167,8 +169,9 @@ def test_process_advantages_by_hand(tiny):
     assert adv[0, 7].item() == pytest.approx(3 * up)
     assert adv[0, 30].item() == pytest.approx(up)
     assert adv[0, 31].item() == 0  # the EOS comes after the last step
-    assert adv[1, 0].item() == pytest.approx(up + 2 * down)
-    assert adv[1, 15].item() == pytest.approx(down)
+    assert adv[1, 0].item() == pytest.approx(up + 3 * down)
+    assert adv[1, 15].item() == pytest.approx(2 * down)
+    assert adv[1, 23].item() == pytest.approx(down)  # the missing step, charged at the last token
 
 
 def test_gae_by_hand():
@@ -251,7 +254,7 @@ def test_main_end_to_end_tiny(cache_dir, tmp_path, capsys):
     assert sum(bool(x.get("final")) for x in lines) == 1 + len(names)
     printed = capsys.readouterr().out
     assert "gc_grpo: return (advantages + beta * (torch.exp(ref_logp - logp.detach()) - 1)) * mask" in printed
-    assert "GRPO needs less memory than PPO" in printed
+    assert "What GRPO saves" in printed and "1 seed]" in printed  # one seed: the criterion gives no verdict
     # the report is made from the logs alone: --report_only prints the same tables and findings again
     again = L.main(argv + ["--report_only"])
     assert again["findings"] == out["findings"] and again["final"] == out["final"]
@@ -264,8 +267,65 @@ def test_mean_and_std_over_seeds():
     assert L.pct([0.25]) == "25.0%"
 
 
-def test_bad_arguments_are_one_line_errors():
-    with pytest.raises(SystemExit, match="unknown method 'ppo2'"):
-        L.main(["--methods", "ppo,ppo2"])
-    with pytest.raises(SystemExit, match="--group_size 1"):
-        L.main(["--group_size", "1"])
+@pytest.mark.parametrize("argv,message", [
+    (["--methods", "ppo,ppo2"], "unknown method 'ppo2'"), (["--group_size", "1"], "--group_size 1"),
+    (["--lr", "-1"], "error: --lr -1.0: the learning rate must be finite and > 0"),
+    (["--lr", "nan"], "error: --lr nan: must be a finite number"),
+    (["--value_lr", "0"], "error: --value_lr 0.0: the learning rate must be finite and > 0"),
+    (["--k", "-1"], "error: --k -1: must be >= 1"), (["--k", "0"], "--k 0: must be >= 1"),  # the findings need Maj@K
+    (["--eval_test", "-5"], "error: --eval_test -5: must be >= 1"),
+    (["--grop_size", "4"], "error: unrecognized arguments: --grop_size 4"),
+    (["--dpo_beta", "0"], "--dpo_beta 0.0"), (["--gamma", "1.5"], "--gamma 1.5"),
+    (["--eval_every", "-1"], "--eval_every -1: must be >= 0"), (["--seeds", "-1"], "--seeds '-1'"),
+    (["--normaliser", "sum"], "--normaliser 'sum'"), (["--max_grad_norm", "0"], "--max_grad_norm 0.0"),
+    (["--device", "gpu0"], "--device 'gpu0'"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys, no_model):
+    assert message in error_line(L.main, argv, capsys)
+    assert "unified paradigm" not in capsys.readouterr().out  # stopped before any output
+
+
+# ----------------------------------------------------------------------------------------------------
+# The copies of lessons 02 and 03 (repeated on purpose, so each lesson reads alone) are pinned to them
+
+THIRD = {"question": "9-4*5", "start": 9, "ops": [("-", 4), ("*", 5)], "answer": 25}
+
+
+def outputs_of_every_kind(problem):
+    """Right, wrong, cut short, answer only, empty, garbage, and a solution with extra lines after it."""
+    solution, answer = common.solution_text(problem), problem["answer"]
+    return [solution, solution.replace(f"#### {answer}", f"#### {answer + 1}"), solution.replace("=", "=1", 1),
+            *(solution[:n] for n in (1, 4, 7, len(solution) - 3)), f"#### {answer}\n", f"#### {answer}", "",
+            "12*=+#\n##", " 7\n\n3", solution + "1+1=2\n#### 3\n", solution + solution]
+
+
+def test_outcome_copies_match_lesson_02():
+    lesson02 = load_lesson("02_grpo_outcome")
+    torch.manual_seed(0)
+    for G in (2, 3, 4, 8):
+        rewards = (torch.rand(6 * G) < 0.4).float()
+        rewards[:G] = 1.0  # one group with no signal
+        assert torch.equal(L.grpo_outcome_advantages(rewards, G), lesson02.grpo_outcome_advantages(rewards, G))
+    problems = [PROBLEM, OTHER, THIRD]
+    texts = [t for p in problems for t in outputs_of_every_kind(p)]
+    n = len(texts) // len(problems)
+    assert torch.equal(L.outcome_rewards(problems, texts, n), lesson02.outcome_rewards(problems, texts, n))
+
+
+def test_process_advantages_match_lesson_03():
+    lesson03 = load_lesson("03_grpo_process")
+    tokenizer = common.build_char_tokenizer()
+    problems = [PROBLEM, OTHER, THIRD]
+    rng = random.Random(0)
+    for G in (2, 3, 4):
+        groups = [[rng.sample(outputs_of_every_kind(p), G) for p in problems] for _ in range(6)]
+        groups.append([[common.solution_text(p)] * G for p in problems])  # all steps right: no signal
+        groups.append([[""] * G, [common.solution_text(OTHER)] * (G - 1) + [""], ["#### 25"] * G])
+        for group in groups:
+            texts = [t for texts_q in group for t in texts_q]
+            prompts = [common.prompt_text(p) for p in problems for _ in range(G)]
+            batch = common.build_batch(tokenizer, prompts, texts, "cpu")
+            T = batch.completion_ids.shape[1]
+            ours = L.grpo_process_advantages(problems, batch, G)  # [3G, T]
+            theirs = lesson03.grpo_process_advantages(*lesson03.step_rewards(problems, batch, G), G, T)  # [3G, T]
+            assert torch.allclose(ours, theirs * batch.completion_mask, atol=1e-5), (G, texts)

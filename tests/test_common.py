@@ -41,15 +41,19 @@ def test_solution_text_worked_example():
 
 def test_verify_good_wrong_partial_garbage():
     good = common.verify(PROBLEM, "7+5=12\n12*3=36\n36-9=27\n#### 27\n")
-    assert good == {"correct": True, "answer": 27, "steps": [True, True, True, True]}
+    assert good == {"correct": True, "answer": 27, "steps": [True, True, True, True], "missing": 0}
     # an arithmetic slip in step 2 carried forward: later steps are locally right, the answer is wrong
     wrong = common.verify(PROBLEM, "7+5=12\n12*3=35\n35-9=26\n#### 26\n")
-    assert wrong == {"correct": False, "answer": 26, "steps": [True, False, True, False]}
-    # truncated: no final answer, last line cut short
+    assert wrong == {"correct": False, "answer": 26, "steps": [True, False, True, False], "missing": 0}
+    # truncated: no final answer, last line cut short; the third operation and the answer line are missing
     partial = common.verify(PROBLEM, "7+5=12\n12*3=3")
-    assert partial == {"correct": False, "answer": None, "steps": [True, False]}
-    # right answer line with no work still counts as the outcome
-    assert common.verify(PROBLEM, "#### 27\n")["correct"]
+    assert partial == {"correct": False, "answer": None, "steps": [True, False], "missing": 2}
+    # right answer line with no work still counts as the outcome; its three operations are missing
+    assert common.verify(PROBLEM, "#### 27\n") == {"correct": True, "answer": 27, "steps": [True], "missing": 3}
+    # the solution ends at its first answer line: what follows is wrong, a repeated answer earns nothing
+    assert common.verify(PROBLEM, "7+5=12\n12*3=36\n36-9=27\n#### 27\n#### 27\n7+5=12\n") == \
+        {"correct": True, "answer": 27, "steps": [True, True, True, True, False, False], "missing": 0}
+    assert common.verify(PROBLEM, "#### 26\n#### 27\n")["correct"] is False  # the first answer counts
     # a step that uses the wrong operation, or the wrong first operand
     assert common.verify(PROBLEM, "7*5=35\n")["steps"] == [False]
     assert common.verify(PROBLEM, "8+5=13\n")["steps"] == [False]
@@ -212,3 +216,35 @@ def test_token_logprobs_are_the_distribution_generate_samples_from(tiny):
     with torch.no_grad():
         ours = common.token_logprobs(model, batch, temperature=0.8)
     assert torch.allclose(from_generate * batch.completion_mask, ours, atol=1e-4)
+
+
+def test_the_shipped_pi_sft_is_current():
+    """pi_sft/ was built by the code as it is now: a change to the task, the model or the SFT loop must
+    come with `python common.py` (which rebuilds pi_sft/) in the same commit."""
+    import json
+
+    built = json.loads((common.SHIPPED_SFT / "build.json").read_text())
+    assert built["code_fingerprint"] == common.sft_code_fingerprint(), \
+        "the code that builds pi_sft changed: rebuild it with `python common.py` and commit pi_sft/"
+    assert (built["sft_steps"], built["seed"]) == (common.SFT_STEPS, 0)
+    policy, _ = common.load_policy("tiny", common.SFT_STEPS, "cpu")
+    assert policy.name_or_path == str(common.SHIPPED_SFT)  # the default loads the shipped weights, builds nothing
+
+
+def test_rebuilding_pi_sft_gives_the_shipped_one(tmp_path):
+    """The shipped pi_sft is what the repo's own code builds: rebuilt from scratch here (about 3 minutes on a
+    2-core CPU), its greedy test accuracy is the recorded one within 3 points (bitwise equal weights on the
+    machine that built it; other CPUs may round differently)."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "pi_sft"
+    subprocess.run([sys.executable, str(common.REPO / "common.py"), str(out)], check=True,
+                   env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+    shipped, rebuilt = (json.loads((p / "build.json").read_text()) for p in (common.SHIPPED_SFT, out))
+    assert abs(rebuilt["test_greedy"] - shipped["test_greedy"]) <= 0.03, (rebuilt, shipped)
+    a, b = load_file(common.SHIPPED_SFT / "model.safetensors"), load_file(out / "model.safetensors")
+    print("largest weight difference, rebuilt vs shipped:", max((a[k] - b[k]).abs().max().item() for k in a))
