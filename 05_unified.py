@@ -526,21 +526,8 @@ def pct(values):
     return f"{100 * m:.1f} ± {100 * s:.1f}%" if len(values) > 1 else f"{100 * m:.1f}%"
 
 
-def verdict(diffs):
-    """The criterion every finding is judged by, on per-seed differences (method - baseline, the
-    paper's sign positive): reproduced when the difference is > 0 on every seed and its mean is at
-    least twice its standard deviation over seeds; within noise when the mean is > 0 but that fails;
-    not reproduced when the mean is <= 0. One seed cannot tell a finding from noise."""
-    m, sd = mean_std(diffs)
-    if len(diffs) < 2:
-        return "paper's sign, 1 seed" if m > 0 else "not reproduced, 1 seed"
-    if all(d > 0 for d in diffs) and m >= 2 * sd:
-        return "reproduced"
-    return "within noise" if m > 0 else "not reproduced"
-
-
 def findings(final, curves, costs, k):
-    """The paper's findings of section 5.2, each judged by verdict(): (finding, verdict, numbers)."""
+    """The paper's findings of section 5.2, each judged by common.verdict: (finding, verdict, numbers)."""
     out = []
     per_seed = lambda m, key: [r[key] for r in final[m]]
     diff = lambda a, b, key="test_greedy": [x - y for x, y in zip(per_seed(a, key), per_seed(b, key))]
@@ -556,12 +543,12 @@ def findings(final, curves, costs, k):
             if better == "Online RFT" and steps:
                 gap = lambda s: 100 * statistics.mean(a - b for a, b in zip(curves[better][s], curves[worse][s]))
                 numbers += "; on the curve " + ", ".join(f"{gap(s):+.1f} at step {s}" for s in steps)
-            out.append((claim, verdict(ds), numbers))
+            out.append((claim, common.verdict(ds), numbers))
     for m in ("GRPO+OS", "GRPO+PS", "PPO", "Online RFT"):
         if m in final:
             d_maj, d_pass = diff(m, "SFT model", f"test_maj@{k}"), diff(m, "SFT model", f"test_pass@{k}")
-            out.append((f"RL ({m}) raises Maj@{k}", verdict(d_maj), f"Maj@{k} - SFT model's: {show(d_maj)}"))
-            out.append((f"RL ({m}) raises Maj@{k} more than Pass@{k}", verdict([a - b for a, b in zip(d_maj, d_pass)]),
+            out.append((f"RL ({m}) raises Maj@{k}", common.verdict(d_maj), f"Maj@{k} - SFT model's: {show(d_maj)}"))
+            out.append((f"RL ({m}) raises Maj@{k} more than Pass@{k}", common.verdict([a - b for a, b in zip(d_maj, d_pass)]),
                         f"Pass@{k} - SFT model's: {show(d_pass)}"))
             break
     return out
@@ -623,9 +610,7 @@ def report(final, curves, costs, args, seeds):
     line = cost_line(costs)
     if line:
         print(f"\nWhat GRPO saves (section 4.1.1's motivation, a cost measured here, not a finding): {line}.")
-    print(f"\nThe paper's findings (section 5.2), judged on these {len(seeds)} seeds: reproduced = the paper's sign on "
-          "every seed and a mean difference at least twice its standard deviation over seeds; within noise = the "
-          "paper's sign on average only; not reproduced = the other sign on average.\n")
+    print(f"\nThe paper's findings (section 5.2), judged on these {len(seeds)} seeds: {common.VERDICT_RULE}.\n")
     checked = findings(final, curves, costs, args.k)
     for claim, judged, numbers in checked:
         print(f"- [{judged}] {claim}: {numbers}")

@@ -576,6 +576,23 @@ def maj_pass_curve(model, tokenizer, problems: list, ks: list, temperature: floa
     return result
 
 
+VERDICT_RULE = ("reproduced = the paper's sign on every seed and a mean difference at least twice its standard "
+                "deviation over seeds; within noise = the paper's sign on average only; not reproduced = the other "
+                "sign on average")
+
+
+def verdict(diffs: list) -> str:
+    """The criterion every finding of the course is judged by (VERDICT_RULE), on per-seed differences
+    (method - baseline, the paper's sign positive). One seed cannot tell a finding from noise."""
+    m = sum(diffs) / len(diffs)
+    if len(diffs) < 2:
+        return "paper's sign, 1 seed" if m > 0 else "not reproduced, 1 seed"
+    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1))
+    if all(d > 0 for d in diffs) and m >= 2 * sd:
+        return "reproduced"
+    return "within noise" if m > 0 else "not reproduced"
+
+
 def results_table(rows: dict) -> str:
     """A Markdown table: one row per name (e.g. "SFT model", "after GRPO"), one column per metric."""
     names = list(rows)

@@ -79,3 +79,43 @@ def test_missing_matplotlib(tmp_path, metrics_files, monkeypatch):
         plot_curves.main([seeds[0], "--out", str(out)])
     assert str(exit_info.value) == "error: plot_curves.py needs matplotlib: pip install matplotlib"
     assert not out.exists()
+
+
+def test_groups_by_run_and_draws_other_x_keys(tmp_path):
+    """Lesson 04's per-iteration lines (x = after_iteration), iterative and frozen over seeds: one group each."""
+    files = []
+    for mode in ("iterative", "frozen"):
+        for seed in range(2):
+            rows = [{"iteration": 1, "step": 1, "rm_reward": 0.5}]  # a per-step line: no after_iteration
+            rows += [{"after_iteration": i, "test_greedy": 0.4 + 0.1 * i * (mode == "iterative")} for i in range(3)]
+            files.append(write_jsonl(tmp_path / f"{mode}-seed{seed}" / "metrics.jsonl", rows))
+    series = plot_curves.curves(files, "test_greedy", x="after_iteration")
+    assert sorted({group for group, _ in series}) == ["frozen", "iterative"]
+    xs, ys = series[("iterative", "iterative-seed1")]
+    assert xs == [0, 1, 2] and ys == pytest.approx([0.4, 0.5, 0.6])
+    assert plot_curves.curves(files, "rm_reward", x="after_iteration") == {}  # per-step lines are left out
+    out = tmp_path / "fig6.png"
+    plot_curves.main([*files, "--x", "after_iteration", "--metrics", "test_greedy", "--mean", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # files that share a folder name (lesson 03: seed0/outcome, seed1/outcome) keep one line each
+    same = [write_jsonl(tmp_path / f"seed{s}" / "outcome" / "metrics.jsonl", [{"step": 1, "kl": s}]) for s in range(2)]
+    assert sorted(plot_curves.curves(same, "kl")) == [("outcome", "seed0/outcome"), ("outcome", "seed1/outcome")]
+
+
+def test_maj_pass_figure_and_gains(tmp_path, capsys):
+    files = []
+    for seed in range(3):
+        curve = lambda base: {f"{kind}@{k}": min(1.0, base + 0.05 * i + (0.1 if kind == "pass" else 0) + 0.01 * seed)
+                              for i, k in enumerate([1, 2, 4]) for kind in ("maj", "pass")}
+        rows = [{"step": 1}, {"final": True, "ks": [1, 2, 4], "temperature": 0.7, "problems": 10, "maj_pass": {
+            "test, SFT model": curve(0.4), "test, after GRPO (outcome)": curve(0.6),
+            "ood, SFT model": curve(0.1), "ood, after GRPO (outcome)": curve(0.05)}}]
+        files.append(write_jsonl(tmp_path / f"seed{seed}" / "metrics.jsonl", rows))
+    out = tmp_path / "fig7.png"
+    plot_curves.main([*files, "--maj_pass", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| test | 1 | +20.0 ± 0.0 pts [reproduced] |" in printed
+    assert "| ood | 4 | -5.0 ± 0.0 pts [not reproduced] |" in printed
+    with pytest.raises(SystemExit, match="--maj_pass_k 64"):
+        plot_curves.main([write_jsonl(tmp_path / "x" / "m.jsonl", [{"step": 1}]), "--maj_pass", "--out", str(out)])
