@@ -55,8 +55,8 @@ Run:  python 03_grpo_process.py                      GRPO with process supervisi
                                                      held out)
 (python 03_grpo_process.py --help lists every knob.) The table has greedy accuracy, Maj@K, Pass@K,
 OOD accuracy and the per-step error rate of greedy outputs (wrong lines among all lines) on the test
-and OOD splits. Metrics go to runs/03_grpo_process/seed<seed>/<supervision>/metrics.jsonl, the trained
-model beside them.
+and OOD splits. Metrics go to runs/03_grpo_process/ops<train_ops>/seed<seed>/<supervision>/metrics.jsonl,
+the trained model beside them.
 """
 
 import copy

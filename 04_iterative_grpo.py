@@ -31,6 +31,11 @@ outputs of the SFT model. The verifier labels r_phi's training data and grades t
 logs; the policy's update never sees it.
 
 Line 9, outcome supervision: r~_i = (r_i - mean(r)) / std(r) within the group, A_{i,t} = r~_i.
+--scale_rewards none drops the division by std (as "Dr. GRPO" does): A_{i,t} = r_i - mean(r). With the
+verifier's 0/1 rewards the two differ only in scale. With r_phi they do not: its rewards are
+probabilities that often differ little within a group (0.42, 0.45, 0.47, ...), and dividing by
+their std turns those differences, mostly r_phi's noise, into advantages of full size; without it an
+advantage is as large as r_phi's confidence in the difference.
 
 Line 10, eq. (3), the GRPO objective:
 

@@ -548,8 +548,9 @@ def findings(final, curves, costs, k):
         if m in final:
             d_maj, d_pass = diff(m, "SFT model", f"test_maj@{k}"), diff(m, "SFT model", f"test_pass@{k}")
             out.append((f"RL ({m}) raises Maj@{k}", common.verdict(d_maj), f"Maj@{k} - SFT model's: {show(d_maj)}"))
-            out.append((f"RL ({m}) raises Maj@{k} more than Pass@{k}", common.verdict([a - b for a, b in zip(d_maj, d_pass)]),
-                        f"Pass@{k} - SFT model's: {show(d_pass)}"))
+            d_gap = [a - b for a, b in zip(d_maj, d_pass)]
+            out.append((f"RL ({m}) raises Maj@{k} more than Pass@{k}", common.verdict(d_gap),
+                        f"Maj@{k} gain - Pass@{k} gain: {show(d_gap)}; Pass@{k} - SFT model's: {show(d_pass)}"))
             break
     return out
 

@@ -577,13 +577,14 @@ def maj_pass_curve(model, tokenizer, problems: list, ks: list, temperature: floa
 
 
 VERDICT_RULE = ("reproduced = the paper's sign on every seed and a mean difference at least twice its standard "
-                "deviation over seeds; within noise = the paper's sign on average only; not reproduced = the other "
-                "sign on average")
+                "deviation over seeds; within noise = the paper's sign on average only; not reproduced = no difference "
+                "or the other sign on average")
 
 
 def verdict(diffs: list) -> str:
     """The criterion every finding of the course is judged by (VERDICT_RULE), on per-seed differences
     (method - baseline, the paper's sign positive). One seed cannot tell a finding from noise."""
+    diffs = [round(d, 9) for d in diffs]  # accuracies are counts / N: a float residue like 1e-17 is no difference
     m = sum(diffs) / len(diffs)
     if len(diffs) < 2:
         return "paper's sign, 1 seed" if m > 0 else "not reproduced, 1 seed"

@@ -248,3 +248,16 @@ def test_rebuilding_pi_sft_gives_the_shipped_one(tmp_path):
     assert abs(rebuilt["test_greedy"] - shipped["test_greedy"]) <= 0.03, (rebuilt, shipped)
     a, b = load_file(common.SHIPPED_SFT / "model.safetensors"), load_file(out / "model.safetensors")
     print("largest weight difference, rebuilt vs shipped:", max((a[k] - b[k]).abs().max().item() for k in a))
+
+
+def test_verdict_follows_the_stated_rule():
+    # reproduced: the paper's sign on every seed and mean >= 2 std (mean 0.11, std 0.01)
+    assert common.verdict([0.10, 0.12, 0.11]) == "reproduced"
+    # every seed positive but the spread is large: mean 0.12, std 0.16
+    assert common.verdict([0.05, 0.01, 0.30]) == "within noise"
+    # positive on average, negative on one seed
+    assert common.verdict([0.10, -0.02, 0.30]) == "within noise"
+    assert common.verdict([-0.10, 0.02, 0.01]) == "not reproduced"
+    # a float residue is no difference (0.3 - 0.1 - 0.2 = -2.8e-17), not a sign
+    assert common.verdict([0.3 - 0.1 - 0.2] * 3) == "not reproduced"
+    assert common.verdict([0.2]) == "paper's sign, 1 seed" and common.verdict([-0.2]) == "not reproduced, 1 seed"

@@ -104,18 +104,22 @@ def test_groups_by_run_and_draws_other_x_keys(tmp_path):
 
 def test_maj_pass_figure_and_gains(tmp_path, capsys):
     files = []
+    sft = {"maj@1": 0.4, "pass@1": 0.4, "maj@2": 0.45, "pass@2": 0.6, "maj@4": 0.5, "pass@4": 0.8}
     for seed in range(3):
-        curve = lambda base: {f"{kind}@{k}": min(1.0, base + 0.05 * i + (0.1 if kind == "pass" else 0) + 0.01 * seed)
-                              for i, k in enumerate([1, 2, 4]) for kind in ("maj", "pass")}
+        # test: Maj@K up 20 (+1 a seed) points, Pass@K (K > 1) up 0 (+1 a seed): a gap of +20 on every seed
+        test = {key: v + (0.2 if key.startswith("maj") or key == "pass@1" else 0.0) + 0.01 * seed for key, v in sft.items()}
+        # ood: Maj@K unchanged, Pass@K (K > 1) down 5 (+1 a seed) points: the gap is positive because Pass@K falls
+        ood = {key: v - (0.05 + 0.01 * seed if key in ("pass@2", "pass@4") else 0.0) for key, v in sft.items()}
         rows = [{"step": 1}, {"final": True, "ks": [1, 2, 4], "temperature": 0.7, "problems": 10, "maj_pass": {
-            "test, SFT model": curve(0.4), "test, after GRPO (outcome)": curve(0.6),
-            "ood, SFT model": curve(0.1), "ood, after GRPO (outcome)": curve(0.05)}}]
+            "test, SFT model": sft, "test, after GRPO (outcome)": test,
+            "ood, SFT model": sft, "ood, after GRPO (outcome)": ood}}]
         files.append(write_jsonl(tmp_path / f"seed{seed}" / "metrics.jsonl", rows))
     out = tmp_path / "fig7.png"
     plot_curves.main([*files, "--maj_pass", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "| test | 1 | +20.0 ± 0.0 pts [reproduced] |" in printed
-    assert "| ood | 4 | -5.0 ± 0.0 pts [not reproduced] |" in printed
+    assert "| test | 1 | +21.0 ± 1.0 pts | +21.0 ± 1.0 pts | +0.0 ± 0.0 pts [equal by definition at K = 1] |" in printed
+    assert "| test | 4 | +21.0 ± 1.0 pts | +1.0 ± 1.0 pts | +20.0 ± 0.0 pts [reproduced] |" in printed
+    assert "| ood | 2 | +0.0 ± 0.0 pts | -6.0 ± 1.0 pts | +6.0 ± 1.0 pts [reproduced] |" in printed
     with pytest.raises(SystemExit, match="--maj_pass_k 64"):
         plot_curves.main([write_jsonl(tmp_path / "x" / "m.jsonl", [{"step": 1}]), "--maj_pass", "--out", str(out)])
