@@ -20,6 +20,11 @@ Eq. (4), the KL estimator ("k3"), unbiased and never negative, in the loss rathe
 
     D_KL[pi_theta || pi_ref] = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1     (per token)
 
+Its value, averaged over samples of pi_theta, is KL(pi_theta || pi_ref); its gradient in the loss is, in
+expectation, the gradient of KL(pi_ref || pi_theta), the other direction (the sampling is not
+differentiated). Both pull pi_theta towards pi_ref; tests/test_02_grpo_outcome.py works it out exactly,
+with k1 (expected gradient 0) and k2 (the gradient of KL(pi_theta || pi_ref)) beside it.
+
 The reward is the task's exact verifier: 1 when the final answer is right, else 0. pi_ref is the SFT
 model and stays frozen.
 

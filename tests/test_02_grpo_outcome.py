@@ -175,3 +175,27 @@ def test_a_short_grpo_run_raises_the_reward(sft_policy):
         grpo.grpo_step(policy, ref_policy, tokenizer, optimizer, problems, args)
     after = reward()
     assert after > before + 0.15, (before, after)
+
+
+def test_what_the_k3_kl_in_the_loss_differentiates():
+    """k3's value is an unbiased estimate of KL(pi_theta || pi_ref), but on samples of pi_theta its gradient
+    in the loss is, in expectation, the gradient of KL(pi_ref || pi_theta), the other direction; k1 in the
+    loss has expected gradient 0, and k2 = (log ratio)^2 / 2 gives the gradient of KL(pi_theta || pi_ref)."""
+    torch.manual_seed(0)
+    theta = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    ref_logp = torch.log_softmax(torch.randn(5, dtype=torch.float64), dim=0)
+    logp = torch.log_softmax(theta, dim=0)
+    p = logp.exp().detach()  # the sampling distribution: the loss sees samples, not their probabilities
+
+    def grad(f):
+        return torch.autograd.grad(f, theta, retain_graph=True)[0]
+
+    expected = lambda estimator: grad((p * estimator).sum())  # E_{x ~ pi_theta}[grad estimator(x)], exactly
+    reverse_kl = (logp.exp() * (logp - ref_logp)).sum()  # KL(pi_theta || pi_ref), the paper's D_KL
+    forward_kl = (ref_logp.exp() * (ref_logp - logp)).sum()  # KL(pi_ref || pi_theta)
+    k3 = grpo.kl_k3(logp, ref_logp)
+    assert torch.isclose((p * k3).sum(), reverse_kl.detach())  # the value: unbiased for the paper's KL
+    assert torch.allclose(expected(k3), grad(forward_kl))  # the gradient: the other KL
+    assert not torch.allclose(expected(k3), grad(reverse_kl), atol=1e-3)
+    assert torch.allclose(expected(logp - ref_logp), torch.zeros(5, dtype=torch.float64))  # k1: no gradient
+    assert torch.allclose(expected(0.5 * (logp - ref_logp) ** 2), grad(reverse_kl))  # k2: the paper's KL
