@@ -25,6 +25,15 @@ expectation, the gradient of KL(pi_ref || pi_theta), the other direction (the sa
 differentiated). Both pull pi_theta towards pi_ref; tests/test_02_grpo_outcome.py works it out exactly,
 with k1 (expected gradient 0) and k2 (the gradient of KL(pi_theta || pi_ref)) beside it.
 
+Three of the paper's choices are options, the paper's the default (the README's "What the paper's
+choices cost" measures them; docs/beyond_one_machine.md has the other trainers' names):
+--loss_agg output | token | constant      eq. (3)'s 1/|o_i| | DAPO's token mean | Dr. GRPO's constant
+                                          (TRL loss_type "grpo" | "dapo" | "dr_grpo")
+--scale_rewards group | none              divide by the group's std, or not (TRL scale_rewards,
+                                          verl norm_adv_by_std_in_grpo)
+--kl_estimator k3 | k1 | k2               the KL term in the loss (verl kl_loss_type low_var_kl | kl | mse,
+                                          OpenRLHF --kl_estimator)
+
 The reward is the task's exact verifier: 1 when the final answer is right, else 0. pi_ref is the SFT
 model and stays frozen.
 
@@ -44,6 +53,9 @@ import torch
 from tqdm import tqdm
 
 import common
+
+LOSS_AGGS = ("output", "token", "constant")
+KL_ESTIMATORS = ("k3", "k1", "k2")
 
 
 @dataclass
@@ -67,6 +79,14 @@ class Args:
     eval_test: int = field(default=200, metadata={"help": "test problems evaluated before and after"})
     eval_ood: int = field(default=200, metadata={"help": "out-of-distribution (longer) problems evaluated"})
     k: int = field(default=8, metadata={"help": "K of Maj@K and Pass@K"})
+    loss_agg: str = field(default="output", metadata={"help": "how eq. (3) averages tokens: output (1/|o_i| per "
+                                                              "output, then the mean: the paper), token (the mean over "
+                                                              "all tokens of the batch: DAPO) or constant (the sum over "
+                                                              "an output's tokens / max_new_tokens: Dr. GRPO)"})
+    scale_rewards: str = field(default="group", metadata={"help": "group (divide by the group's std: the paper) or "
+                                                                  "none (r_i - mean(r) only: Dr. GRPO)"})
+    kl_estimator: str = field(default="k3", metadata={"help": "the KL term of eq. (3): k3 (eq. (4), the paper), k1 "
+                                                              "(log pi_theta/pi_ref) or k2 ((log pi_theta/pi_ref)^2 / 2)"})
     maj_pass_k: int = field(default=0, metadata={"help": "also draw N = this many samples per problem at "
                                                           "--maj_pass_temperature for pi_sft and the trained model, and "
                                                           "report Maj@K and Pass@K for K = 1, 2, 4 .. N on the test and OOD "
@@ -90,6 +110,9 @@ def check_args(args: Args):
         common.fail(f"--clip_eps {args.clip_eps}: the clip range must be in [0, 1)")
     if args.mu < 1:
         common.fail(f"--mu {args.mu}: at least one GRPO iteration per batch")
+    for name, choices in (("loss_agg", LOSS_AGGS), ("scale_rewards", ("group", "none")), ("kl_estimator", KL_ESTIMATORS)):
+        if getattr(args, name) not in choices:
+            common.fail(f"--{name} {getattr(args, name)!r}: use one of {', '.join(choices)}")
     common.check_at_least(args, 1, "steps", "batch_size", "max_new_tokens", "maj_pass_problems")
     common.check_at_least(args, 0, "sft_steps", "warmup_steps", "eval_test", "eval_ood", "k", "maj_pass_k")  # 0: skip
     for name in ("temperature", "maj_pass_temperature"):
@@ -106,15 +129,17 @@ def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tenso
     return torch.tensor([float(common.verify(problems[i // group_size], t)["correct"]) for i, t in enumerate(texts)])
 
 
-def grpo_outcome_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+def grpo_outcome_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
     """r~_i = (r_i - mean(r)) / std(r) within each group of G; 0 for a group whose rewards are all equal.
 
     rewards: [B*G], rows i*G..i*G+G-1 one group. Returns [B*G], the A_{i,t} of every token of o_i.
-    std is the group's own (population) standard deviation.
+    std is the group's own (population) standard deviation. scale=False: r_i - mean(r) (Dr. GRPO).
     """
     r = rewards.view(-1, group_size)  # [B, G]
     mean = r.mean(1, keepdim=True)
     std = r.std(1, keepdim=True, unbiased=False)
+    if not scale:
+        return (r - mean).view(-1)
     safe = torch.where(std > 0, std, torch.ones_like(std))
     return torch.where(std > 0, (r - mean) / safe, torch.zeros_like(r)).view(-1)
 
@@ -125,19 +150,30 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta: float):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta: float,
+              loss_agg: str = "output", kl_estimator: str = "k3", max_len: int = 1):
     """-J_GRPO of eq. (3) and its statistics.
 
     logp, old_logp, ref_logp: [N, T] log-probs of the sampled tokens under pi_theta, pi_old, pi_ref;
     advantages: [N, T] A_{i,t}; mask: [N, T] 1 on completion tokens (up to and including EOS).
+    loss_agg, kl_estimator: the paper's choices by default (see Args); max_len: the constant of "constant".
     """
     mask = mask.float()
     ratio = torch.exp(logp - old_logp)  # [N, T]
     surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
-    kl = kl_k3(logp, ref_logp)  # [N, T]
-    per_token = surrogate - beta * kl
-    per_output = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)  # 1/|o_i| sum_t
-    objective = per_output.mean()  # 1/G sum_i, and the mean over questions
+    kl = kl_k3(logp, ref_logp)  # [N, T], eq. (4); logged whatever the loss uses, so runs compare
+    if kl_estimator == "k3":
+        per_token = surrogate - beta * kl
+    elif kl_estimator == "k1":
+        per_token = surrogate - beta * (logp - ref_logp)
+    else:  # "k2"
+        per_token = surrogate - beta * 0.5 * (logp - ref_logp) ** 2
+    if loss_agg == "output":  # eq. (3): 1/|o_i| sum_t, then 1/G sum_i and the mean over questions
+        objective = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    elif loss_agg == "token":  # DAPO: every token of the batch weighs the same
+        objective = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    else:  # "constant", Dr. GRPO: every output divided by the same max_len
+        objective = ((per_token * mask).sum(1) / max_len).mean()
     n = mask.sum().clamp(min=1)
     stats = {
         "kl": ((kl * mask).sum() / n).item(),
@@ -153,7 +189,7 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
     batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], G,
                           args.temperature, args.max_new_tokens)
     rewards = outcome_rewards(problems, batch.texts, G).to(device)  # [B*G]
-    advantages = grpo_outcome_advantages(rewards, G)  # [B*G]
+    advantages = grpo_outcome_advantages(rewards, G, args.scale_rewards == "group")  # [B*G]
     token_advantages = advantages[:, None].expand_as(batch.completion_mask)  # [B*G, T]: A_{i,t} = r~_i
     with torch.no_grad():
         ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [B*G, T]
@@ -163,7 +199,7 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
         if grpo_iteration == 0:  # pi_old is pi_theta before its first update: its log-probs, detached
             old_logp = logp.detach()  # [B*G, T]
         loss, stats = grpo_loss(logp, old_logp, ref_logp, token_advantages, batch.completion_mask,
-                                args.clip_eps, args.beta)
+                                args.clip_eps, args.beta, args.loss_agg, args.kl_estimator, args.max_new_tokens)
         optimizer.zero_grad()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
@@ -173,7 +209,8 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
             "kl": stats["kl"], "clip_frac": stats["clip_frac"], "loss": loss.item(),
             "grad_norm": grad_norm.item(),
             "zero_adv_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
-            "completion_len": batch.completion_mask.sum(1).float().mean().item()}
+            "completion_len": batch.completion_mask.sum(1).float().mean().item(),
+            "worked": sum(not t.lstrip().startswith("#") for t in batch.texts) / len(batch.texts)}  # line by line
 
 
 def maj_pass_report(policy, ref_policy, tokenizer, args: Args, log) -> dict:

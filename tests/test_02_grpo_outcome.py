@@ -93,6 +93,9 @@ def test_loss_normalises_per_output_then_over_outputs_and_adds_kl():
     (["--max_grad_norm", "0"], "--max_grad_norm 0.0"), (["--seed", "-1"], "--seed -1"),
     (["--maj_pass_k", "-1"], "--maj_pass_k -1: must be >= 0"), (["--maj_pass_problems", "0"], "--maj_pass_problems 0"),
     (["--maj_pass_temperature", "0"], "--maj_pass_temperature 0.0: must be > 0"),
+    (["--loss_agg", "seq"], "--loss_agg 'seq': use one of output, token, constant"),
+    (["--scale_rewards", "batch"], "--scale_rewards 'batch': use one of group, none"),
+    (["--kl_estimator", "k4"], "--kl_estimator 'k4': use one of k3, k1, k2"),
 ])
 def test_bad_arguments_are_one_line_errors(extra, message, capsys, no_model):
     assert message in error_line(grpo.main, ["--device", "cpu"] + extra, capsys)
@@ -199,3 +202,33 @@ def test_what_the_k3_kl_in_the_loss_differentiates():
     assert not torch.allclose(expected(k3), grad(reverse_kl), atol=1e-3)
     assert torch.allclose(expected(logp - ref_logp), torch.zeros(5, dtype=torch.float64))  # k1: no gradient
     assert torch.allclose(expected(0.5 * (logp - ref_logp) ** 2), grad(reverse_kl))  # k2: the paper's KL
+
+
+def test_unscaled_advantages_worked_example():
+    """--scale_rewards none (Dr. GRPO): r_i - mean(r), no division by the group's std."""
+    rewards = torch.tensor([1., 0., 0., 1.,  1., 1., 1., 1.,  1., 0., 0., 0.])
+    adv = grpo.grpo_outcome_advantages(rewards, group_size=4, scale=False)
+    assert torch.allclose(adv, torch.tensor([.5, -.5, -.5, .5, 0., 0., 0., 0., .75, -.25, -.25, -.25]))
+
+
+def test_loss_aggregations_worked_example():
+    """Two outputs: o_1 one token with A = 2, o_2 three tokens with A = 1 (ratio 1, no KL).
+    output (eq. 3): (2/1 + 3/3) / 2 = 1.5; token (DAPO): (2 + 1 + 1 + 1) / 4 = 1.25;
+    constant (Dr. GRPO, max_len 4): (2/4 + 3/4) / 2 = 0.625."""
+    logp = torch.zeros(2, 3)
+    advantages = torch.tensor([[2., 0., 0.], [1., 1., 1.]])
+    mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
+    for loss_agg, expected in (("output", 1.5), ("token", 1.25), ("constant", 0.625)):
+        loss, _ = grpo.grpo_loss(logp, logp, logp, advantages, mask, 0.2, 0.04, loss_agg, "k3", max_len=4)
+        assert loss.item() == pytest.approx(-expected)
+
+
+def test_kl_estimators_in_the_loss_worked_example():
+    """With A = 0 and ratio 1 the loss is beta times the token mean of the estimator:
+    log pi_theta/pi_ref = 0.5 -> k1 0.5, k2 0.125, k3 e^-0.5 + 0.5 - 1 = 0.10653."""
+    logp, ref_logp = torch.full((1, 2), -1.0), torch.full((1, 2), -1.5)
+    mask, zero = torch.ones(1, 2), torch.zeros(1, 2)
+    for estimator, value in (("k1", 0.5), ("k2", 0.125), ("k3", math.exp(-0.5) - 0.5)):
+        loss, stats = grpo.grpo_loss(logp, logp, ref_logp, zero, mask, 0.2, 2.0, "token", estimator)
+        assert loss.item() == pytest.approx(2.0 * value)
+        assert stats["kl"] == pytest.approx(math.exp(-0.5) - 0.5)  # the log shows k3 whatever the loss uses

@@ -214,7 +214,9 @@ def test_grpo_copies_match_lesson_02():
     for G in (2, 3, 4, 8):
         for rewards in ((torch.rand(6 * G) < 0.4).float(), torch.rand(6 * G)):  # 0/1, and r_phi's probabilities
             rewards[:G] = rewards[0]  # one group whose rewards are all equal
-            assert torch.equal(lesson.grpo_outcome_advantages(rewards, G), lesson02.grpo_outcome_advantages(rewards, G))
+            for scale in (True, False):  # --scale_rewards group / none
+                assert torch.equal(lesson.grpo_outcome_advantages(rewards, G, scale),
+                                   lesson02.grpo_outcome_advantages(rewards, G, scale))
     for clip_eps, beta in ((0.2, 0.04), (0.1, 0.0), (0.3, 1.0)):
         logp, old, ref = (torch.randn(5, 7) - 1 for _ in range(3))
         adv, mask = torch.randn(5, 7), (torch.rand(5, 7) < 0.8).long()
