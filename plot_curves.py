@@ -151,6 +151,14 @@ def maj_pass_figure(files: list[str], out: str, title: str, plt):
     return out
 
 
+SPARSE_POINTS = 20  # a line this short (e.g. test_greedy, logged only when the lesson evaluated) is drawn as points
+
+
+def smoothed(ys: list[float], window: int) -> list[float]:
+    """The moving average a line is drawn with: none for a sparse line, whose points are each a measurement."""
+    return ys if len(ys) <= SPARSE_POINTS else moving_average(ys, window)
+
+
 def moving_average(values: list[float], window: int) -> list[float]:
     # mean of the last `window` values (fewer at the start), so the curve keeps its length
     return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
@@ -198,14 +206,13 @@ def main(argv=None):
                 colour = colours[(i if len(methods) > 1 else labels.index(label)) % len(colours)]
                 shown = (method, label if several_files or method is None else None)
                 name = " ".join(str(p) for p in shown if p is not None)
-                sparse = len(xs) <= 20  # e.g. test_greedy, logged only when the lesson evaluated
-                ax.plot(xs, moving_average(ys, 1 if sparse else args.smooth), color=colour, marker="o" if sparse else None,
+                ax.plot(xs, smoothed(ys, args.smooth), color=colour, marker="o" if len(xs) <= SPARSE_POINTS else None,
                         markersize=3, linewidth=1, alpha=0.35 if args.mean and len(ours) > 1 else 1,
                         label="_nolegend_" if args.mean and len(ours) > 1 else name)  # the mean line names them
             if args.mean and len(ours) > 1:
                 xs, ys = mean_curve([(xs, ys) for _, xs, ys in ours])
                 mean_colour = colours[i % len(colours)] if len(methods) > 1 else "black"
-                ax.plot(xs, moving_average(ys, 1 if len(xs) <= 20 else args.smooth), color=mean_colour, linewidth=2.2,
+                ax.plot(xs, smoothed(ys, args.smooth), color=mean_colour, linewidth=2.2,
                         label=" ".join(p for p in (method, f"mean of {len(ours)}") if p))
         ax.set_title(metric)
         ax.set_xlabel(args.x)
