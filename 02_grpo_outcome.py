@@ -41,8 +41,9 @@ Run:  python 02_grpo_outcome.py            (python 02_grpo_outcome.py --help lis
 It prints a before/after table (greedy accuracy, Maj@K, Pass@K, OOD accuracy), writes
 runs/02_grpo_outcome/seed0/metrics.jsonl and saves the trained model beside it.
 Expect on a 2-core CPU: 117 s for the first run of a fresh clone (idle, 2 threads), and greedy test
-accuracy 45.0% (pi_sft, shipped in pi_sft/) -> 78.5-82.0% over seeds 0-2. --maj_pass_k 64 adds the paper's Figure 7 measurement (Maj@K and Pass@K for K = 1..64 at
-temperature 0.7) for pi_sft and the trained model; the README shows it.
+accuracy 45.0% (pi_sft, shipped in pi_sft/) -> 78.5-82.0% over seeds 0-2. --maj_pass_k 64 adds the
+paper's Figure 7 measurement (Maj@K and Pass@K for K = 1..64 at temperature 0.7) for pi_sft and the
+trained model; the README shows it.
 """
 
 import copy
@@ -210,7 +211,8 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
             "grad_norm": grad_norm.item(),
             "zero_adv_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
             "completion_len": batch.completion_mask.sum(1).float().mean().item(),
-            "worked": sum(not t.lstrip().startswith("#") for t in batch.texts) / len(batch.texts)}  # line by line
+            # outputs that do not answer at once with the "#### n" line (they work line by line, or write other text)
+            "worked": sum(not t.lstrip().startswith("#") for t in batch.texts) / len(batch.texts)}
 
 
 def maj_pass_report(policy, ref_policy, tokenizer, args: Args, log) -> dict:
