@@ -286,10 +286,10 @@ def train(policy, ref_policy, tokenizer, args: Args, supervision: str, out_dir: 
         else:
             advantages = grpo_outcome_advantages(outcome, G)[:, None].expand(-1, T)  # [B*G, T]: A_{i,t} = r~_i
         with torch.no_grad():
-            ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [B*G, T]
+            ref_logp = common.token_logprobs_by_length(ref_policy, batch, args.temperature)  # [B*G, T]
         policy.train()
         for grpo_iteration in range(args.mu):
-            logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+            logp = common.token_logprobs_by_length(policy, batch, args.temperature)  # [B*G, T]
             if grpo_iteration == 0:  # pi_old is pi_theta before its first update: its log-probs, detached
                 old_logp = logp.detach()  # [B*G, T]
             loss, stats = grpo_loss(logp, old_logp, ref_logp, advantages, batch.completion_mask,

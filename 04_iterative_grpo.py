@@ -406,10 +406,10 @@ def main(argv=None):
             correct = [common.verify(batch_problems[i // G], t)["correct"] for i, t in enumerate(batch.texts)]
             new_data += examples_from_batch(batch, correct)
             with torch.no_grad():
-                ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [B*G, T]
+                ref_logp = common.token_logprobs_by_length(ref_policy, batch, args.temperature)  # [B*G, T]
             policy.train()
             for grpo_iteration in range(args.mu):  # line 10
-                logp = common.token_logprobs(policy, batch, args.temperature)  # [B*G, T]
+                logp = common.token_logprobs_by_length(policy, batch, args.temperature)  # [B*G, T]
                 if grpo_iteration == 0:  # pi_old is pi_theta before its first update: its log-probs, detached
                     old_logp = logp.detach()  # [B*G, T]
                 loss, stats = grpo_loss(logp, old_logp, ref_logp, token_advantages, batch.completion_mask,

@@ -5,8 +5,9 @@ what all lessons need and none of them teaches:
 
 - the task: chained arithmetic, one step per line, a final `#### answer` line, checked exactly
 - `load_policy`: the tiny default model (built, SFT-warm-started and cached on first use) or any causal LM
-- `sample`: G completions per prompt in one batched `generate` call with the KV cache
+- `sample`: G completions per prompt, token by token with the KV cache, all rows in one batch
 - `token_logprobs`: log pi(o_t | q, o_<t) of every completion token in one forward pass
+  (`token_logprobs_by_length`: the same in a few passes over rows of similar length)
 - `evaluate`: greedy accuracy, Maj@K and Pass@K on the test split, greedy accuracy out of distribution
 """
 
@@ -470,23 +471,60 @@ def build_batch(tokenizer, prompts: list[str], completions: list[str], device) -
     return _finish(tokenizer, enc["input_ids"].to(device), enc["attention_mask"].to(device), completion_ids.to(device))
 
 
+def _cache_argument(model) -> str:
+    """The name under which this transformers passes the KV cache to forward ("cache" from 5.2x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], group_size: int = 1, temperature: float = 1.0,
            max_new_tokens: int = 64, greedy: bool = False) -> Batch:
-    """G completions per prompt from one batched `generate` call (KV cache, left padding)."""
+    """G completions per prompt, token by token with the KV cache, all rows in one batch.
+
+    Each step draws o_t ~ softmax(logits / temperature) over the whole vocabulary (no top-k, no top-p):
+    exactly the pi_theta of token_logprobs, so the ratios pi_theta / pi_old start at 1. A row that has
+    written EOS leaves the batch (its cache rows are dropped), so the step costs what the rows still
+    writing cost. The draw is made for every row, in the same order and of the same size as
+    transformers' `generate` makes it, so the samples are token for token the ones `generate` gives
+    under the same seed (tests/test_common.py checks it); greedy=True takes the argmax instead.
+    """
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     enc = tokenizer([p for p in prompts for _ in range(group_size)], return_tensors="pt", padding=True,
                     padding_side="left").to(device)
     was_training = model.training
     model.eval()
-    # top_k=0 and top_p=1 sample from the full softmax(logits / temperature): exactly the pi_theta of
-    # token_logprobs, so the ratios pi_theta / pi_old start at 1.
-    how = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    out = model.generate(**enc, **how, max_new_tokens=max_new_tokens, use_cache=True,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    mask = enc["attention_mask"]  # [N, P] 0 on the left padding
+    N, cache = mask.shape[0], DynamicCache(config=model.config)
+    kv = {_cache_argument(model): cache, "use_cache": True}
+    position = mask.sum(1) - 1  # [N] each row's last prompt position (positions count real tokens only)
+    logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                   logits_to_keep=1, **kv).logits[:, -1].float()  # [n, V]: n rows still writing
+    completion_ids = torch.full((N, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    writing = torch.arange(N, device=device)  # [n] the rows that have not written EOS yet
+    scores = torch.zeros(N, logits.shape[-1], device=device)  # [N, V]; done rows' draws are thrown away
+    for t in range(max_new_tokens):
+        if greedy:
+            token = logits.argmax(-1)  # [n]
+        else:
+            scores[writing] = logits / temperature if temperature != 1.0 else logits
+            token = torch.multinomial(F.softmax(scores, -1), 1).squeeze(1)[writing]  # [n]
+        completion_ids[writing, t] = token
+        still = token != tokenizer.eos_token_id  # [n]
+        if t == max_new_tokens - 1 or not still.any():
+            break
+        if not still.all():  # rows that wrote EOS leave the batch and the cache
+            writing, token, mask, position = writing[still], token[still], mask[still], position[still]
+            cache.batch_select_indices(still.nonzero().squeeze(1))
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)  # [n, P+t+1]
+        position = position + 1
+        logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                       **kv).logits[:, -1].float()  # [n, V]
     model.train(was_training)
-    P = enc["input_ids"].shape[1]
-    return _finish(tokenizer, enc["input_ids"], enc["attention_mask"], out[:, P:])
+    return _finish(tokenizer, enc["input_ids"], enc["attention_mask"], completion_ids[:, :t + 1])
 
 
 def token_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
@@ -503,6 +541,23 @@ def token_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tenso
     logits = logits[:, P - 1:-1].float() / temperature  # [N, T, V]: position P-1 predicts completion token 0
     logp = torch.gather(F.log_softmax(logits, -1), 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
     return logp * batch.completion_mask
+
+
+def token_logprobs_by_length(model, batch: Batch, temperature: float = 1.0, buckets: int = 4) -> torch.Tensor:
+    """token_logprobs in `buckets` forward passes over rows sorted by length, each cut to its own
+    longest row: the same log-probs (up to float rounding), without running the model over the padding
+    that the batch's longest output forces on every other row (outputs of 8 and 40 tokens share a
+    batch).  # [N, T]
+    """
+    N, P = batch.prompt_ids.shape
+    prompt_len, completion_len = batch.prompt_mask.sum(1), batch.completion_mask.sum(1)  # [N]
+    logp = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)  # [N, T]
+    for rows in torch.argsort(prompt_len + completion_len).chunk(buckets):
+        p, c = int(prompt_len[rows].max()), int(completion_len[rows].max())  # prompts are left-padded
+        part = Batch(batch.prompt_ids[rows, P - p:], batch.prompt_mask[rows, P - p:],
+                     batch.completion_ids[rows, :c], batch.completion_mask[rows, :c], [], [])
+        logp[rows, :c] = token_logprobs(model, part, temperature)  # [len(rows), c]
+    return logp
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -166,27 +166,17 @@ def test_majority_vote():
     assert not common.majority_correct(PROBLEM, ["junk", ""])
 
 
-def test_evaluate_counts_a_perfect_model():
-    """evaluate() on a stand-in model that always writes the right solution gives 100% everywhere."""
+def test_evaluate_counts_a_perfect_model(monkeypatch):
+    """evaluate() on a stand-in sampler that always writes the right solution gives 100% everywhere."""
     tokenizer = common.build_char_tokenizer()
+    problems = {p["question"]: p for p in common.make_split("test", 8) + common.make_split("ood", 8)}
 
-    class Oracle(torch.nn.Module):  # a fake causal LM that emits the reference solution of its prompt
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
+    def oracle(model, tokenizer, prompts, group_size=1, temperature=1.0, max_new_tokens=64, greedy=False):
+        prompts = [p for p in prompts for _ in range(group_size)]
+        return common.build_batch(tokenizer, prompts, [common.solution_text(problems[p.strip()]) for p in prompts], "cpu")
 
-        def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
-            rows = []
-            for ids in input_ids.tolist():
-                question = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                problem = next(p for p in common.make_split("test", 8) + common.make_split("ood", 8)
-                               if p["question"] == question)
-                rows.append(ids + tokenizer(common.solution_text(problem), add_special_tokens=False)["input_ids"]
-                            + [tokenizer.eos_token_id])
-            T = max(map(len, rows))
-            return torch.tensor([r + [tokenizer.pad_token_id] * (T - len(r)) for r in rows])
-
-    result = common.evaluate(Oracle(), tokenizer, n_test=8, n_ood=8, k=3)
+    monkeypatch.setattr(common, "sample", oracle)
+    result = common.evaluate(None, tokenizer, n_test=8, n_ood=8, k=3)
     assert result == {"test_greedy": 1.0, "test_maj@3": 1.0, "test_pass@3": 1.0, "ood_greedy": 1.0}
 
 
@@ -216,6 +206,45 @@ def test_token_logprobs_are_the_distribution_generate_samples_from(tiny):
     with torch.no_grad():
         ours = common.token_logprobs(model, batch, temperature=0.8)
     assert torch.allclose(from_generate * batch.completion_mask, ours, atol=1e-4)
+
+
+def test_sample_draws_token_for_token_what_generate_draws():
+    """common.sample's own loop (rows leave the batch at EOS) gives generate's samples under the same seed."""
+    model, tokenizer = common.load_policy("tiny", common.SFT_STEPS, "cpu")  # pi_sft: rows end at different lengths
+    prompts = [common.prompt_text(p) for p in common.make_split("test", 12)]
+    enc = tokenizer([p for p in prompts for _ in range(4)], return_tensors="pt", padding=True, padding_side="left")
+    for how in (dict(do_sample=True, temperature=1.0), dict(do_sample=True, temperature=0.7), dict(do_sample=False)):
+        torch.manual_seed(3)
+        out = model.generate(**enc, **how, top_k=0, top_p=1.0, max_new_tokens=40, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(3)
+        ours = common.sample(model, tokenizer, prompts, 4, how.get("temperature", 1.0), 40, greedy=not how["do_sample"])
+        expected = out[:, enc["input_ids"].shape[1]:]
+        assert torch.equal(ours.completion_ids, expected), how
+        lengths = ours.completion_mask.sum(1)
+        assert lengths.min() < lengths.max()  # some rows left the batch early
+
+
+def test_token_logprobs_by_length_equal_one_pass(tiny):
+    """Sorting rows into buckets by length and cutting each bucket's padding changes no log-prob or gradient."""
+    model, tokenizer = tiny
+    rng = random.Random(0)
+    problems = [common.make_problem(rng, rng.randint(2, 4)) for _ in range(9)]
+    completions = [common.solution_text(p)[:rng.randint(1, 40)] for p in problems]  # 1 to 40 characters
+    batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems], completions, "cpu")
+    for buckets in (1, 2, 4, 9):
+        model.zero_grad()
+        one_pass = common.token_logprobs(model, batch, 0.7)
+        one_pass.sum().backward()
+        expected = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        by_length = common.token_logprobs_by_length(model, batch, 0.7, buckets)
+        by_length.sum().backward()
+        assert torch.allclose(by_length, one_pass, atol=1e-5)
+        assert (by_length[batch.completion_mask == 0] == 0).all()
+        for p, g in zip(model.parameters(), expected):
+            assert torch.allclose(p.grad, g, atol=1e-4)
+    model.zero_grad()
 
 
 def test_the_shipped_pi_sft_is_current():
