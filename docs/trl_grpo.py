@@ -51,6 +51,10 @@ What differs by design (left as TRL does it, and why it does not change the comp
 - TRL's forward passes leave position ids to the model (0, 1, 2 .. from the left pad); lesson 02 counts
   them from the first real token. Llama's rotary embedding depends only on the distance between two
   positions, so the log-probs are the same up to rounding.
+
+Measured (README, "Lesson 02 through TRL, side by side"; 2-core CPU, 3 seeds): the same accuracy
+within seed noise (greedy test 80.0 +- 2.2% here, 80.5 +- 1.5% for lesson 02), and a lesson 02 step
+takes 0.78x this script's.
 """
 
 import importlib.util
