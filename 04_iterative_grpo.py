@@ -62,11 +62,11 @@ Each prints a before/after table and a table per iteration, and writes
 runs/04_iterative_grpo/<iterative|frozen>-seed<seed>/metrics.jsonl, the policy and r_phi beside it.
 
 What to expect (README, 3 seeds of the comparison above, 2-core CPU): the frozen r_phi is over-optimised
-(its mean reward 44 -> 64% while the true accuracy of the same samples goes 42 -> 39%); Algorithm 1's
-re-training keeps r_phi's reward within a few points of the truth. But the policy does not gain from it
-here: both runs peak after the first iteration (83-87% greedy) and end at 56-65% (iterative) vs
-40-72% (frozen). r_phi is the limit: on the policy's samples it is right 60-70% of the time, about what
-always answering "wrong" would score.
+(its mean reward 44 -> 65% while the true accuracy of the same samples goes 42 -> 35%); Algorithm 1's
+re-training keeps r_phi's over-estimate at 10-15 points against 24-33 frozen. But the policy does not
+gain from it here: both runs peak after the first iteration (83-87% greedy) and end at 43-61%
+(iterative) vs 40-65% (frozen). r_phi is the limit: on the policy's samples it is right 56-70% of the
+time, about what always answering "wrong" would score.
 """
 
 import copy

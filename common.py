@@ -549,7 +549,7 @@ def token_logprobs_by_length(model, batch: Batch, temperature: float = 1.0, buck
     that the batch's longest output forces on every other row (outputs of 8 and 40 tokens share a
     batch).  # [N, T]
     """
-    N, P = batch.prompt_ids.shape
+    P = batch.prompt_ids.shape[1]
     prompt_len, completion_len = batch.prompt_mask.sum(1), batch.completion_mask.sum(1)  # [N]
     logp = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)  # [N, T]
     for rows in torch.argsort(prompt_len + completion_len).chunk(buckets):
