@@ -483,26 +483,30 @@ def sample(model, tokenizer, prompts: list[str], group_size: int = 1, temperatur
            max_new_tokens: int = 64, greedy: bool = False) -> Batch:
     """G completions per prompt, token by token with the KV cache, all rows in one batch.
 
-    Each step draws o_t ~ softmax(logits / temperature) over the whole vocabulary (no top-k, no top-p):
-    exactly the pi_theta of token_logprobs, so the ratios pi_theta / pi_old start at 1. A row that has
-    written EOS leaves the batch (its cache rows are dropped), so the step costs what the rows still
-    writing cost. The draw is made for every row, in the same order and of the same size as
-    transformers' `generate` makes it, so the samples are token for token the ones `generate` gives
-    under the same seed (tests/test_common.py checks it); greedy=True takes the argmax instead.
+    The G outputs of a question share its prompt, so the prompt's keys and values are computed once and
+    repeated G times. Each step draws o_t ~ softmax(logits / temperature) over the whole vocabulary (no
+    top-k, no top-p): exactly the pi_theta of token_logprobs, so the ratios pi_theta / pi_old start at 1.
+    A row that has written EOS leaves the batch (its cache rows are dropped), so the step costs what the
+    rows still writing cost. The draw is made for every row, in the same order and of the same size as
+    transformers' `generate` makes it, so the samples are token for token the ones `generate` gives on
+    the G-times repeated prompts under the same seed (tests/test_common.py checks it); greedy=True takes
+    the argmax instead.
     """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    enc = tokenizer([p for p in prompts for _ in range(group_size)], return_tensors="pt", padding=True,
-                    padding_side="left").to(device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)  # [B, P]
     was_training = model.training
     model.eval()
-    mask = enc["attention_mask"]  # [N, P] 0 on the left padding
-    N, cache = mask.shape[0], DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)
     kv = {_cache_argument(model): cache, "use_cache": True}
-    position = mask.sum(1) - 1  # [N] each row's last prompt position (positions count real tokens only)
-    logits = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                   logits_to_keep=1, **kv).logits[:, -1].float()  # [n, V]: n rows still writing
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                   position_ids=(enc["attention_mask"].cumsum(1) - 1).clamp(min=0), logits_to_keep=1,
+                   **kv).logits[:, -1].float().repeat_interleave(group_size, 0)  # [n, V]: n rows still writing
+    cache.batch_repeat_interleave(group_size)
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, 0)  # [N, P], N = B*G
+    prompt_mask = mask = enc["attention_mask"].repeat_interleave(group_size, 0)  # [N, P] 0 on the left padding
+    N, position = mask.shape[0], mask.sum(1) - 1  # [N] each row's last prompt position (real tokens only)
     completion_ids = torch.full((N, max_new_tokens), tokenizer.pad_token_id, dtype=torch.long, device=device)
     writing = torch.arange(N, device=device)  # [n] the rows that have not written EOS yet
     scores = torch.zeros(N, logits.shape[-1], device=device)  # [N, V]; done rows' draws are thrown away
@@ -524,7 +528,7 @@ def sample(model, tokenizer, prompts: list[str], group_size: int = 1, temperatur
         logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
                        **kv).logits[:, -1].float()  # [n, V]
     model.train(was_training)
-    return _finish(tokenizer, enc["input_ids"], enc["attention_mask"], completion_ids[:, :t + 1])
+    return _finish(tokenizer, prompt_ids, prompt_mask, completion_ids[:, :t + 1])
 
 
 def token_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:

@@ -220,7 +220,8 @@ def test_sample_draws_token_for_token_what_generate_draws():
         torch.manual_seed(3)
         ours = common.sample(model, tokenizer, prompts, 4, how.get("temperature", 1.0), 40, greedy=not how["do_sample"])
         expected = out[:, enc["input_ids"].shape[1]:]
-        assert torch.equal(ours.completion_ids, expected), how
+        assert torch.equal(ours.completion_ids, expected), how  # the prompt computed once, repeated G times
+        assert torch.equal(ours.prompt_ids, enc["input_ids"]) and torch.equal(ours.prompt_mask, enc["attention_mask"])
         lengths = ours.completion_mask.sum(1)
         assert lengths.min() < lengths.max()  # some rows left the batch early
 
