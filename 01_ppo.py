@@ -44,7 +44,7 @@ Run:  python 01_ppo.py            (python 01_ppo.py --help lists every knob)
 It prints a before/after table (greedy accuracy, Maj@K, Pass@K, OOD accuracy) and the cost table, writes
 runs/01_ppo/seed0/metrics.jsonl and saves the trained policy and value model beside it.
 On a 2-core CPU the value model took 39-41% of every step (README); greedy test accuracy
-45.0% (pi_sft) -> 81.0-83.5% over seeds 0-2 (README). A run took 251 s on an idle 2-core CPU.
+45.0% (pi_sft) -> 81.0-83.5% over seeds 0-2 (README). A run took 201 s on an idle 2-core CPU.
 """
 
 import copy

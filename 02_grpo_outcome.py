@@ -40,7 +40,7 @@ model and stays frozen.
 Run:  python 02_grpo_outcome.py            (python 02_grpo_outcome.py --help lists every knob)
 It prints a before/after table (greedy accuracy, Maj@K, Pass@K, OOD accuracy), writes
 runs/02_grpo_outcome/seed0/metrics.jsonl and saves the trained model beside it.
-Expect on a 2-core CPU: 82 s for the first run of a fresh clone (idle, 2 threads), and greedy test
+Expect on a 2-core CPU: 73 s for the first run of a fresh clone (idle, 2 threads), and greedy test
 accuracy 45.0% (pi_sft, shipped in pi_sft/) -> 79.0-82.0% over seeds 0-2. --maj_pass_k 64 adds the
 paper's Figure 7 measurement (Maj@K and Pass@K for K = 1..64 at temperature 0.7) for pi_sft and the
 trained model; the README shows it.

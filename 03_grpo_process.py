@@ -58,7 +58,7 @@ OOD accuracy and the step error of greedy outputs (wrong or missing steps among 
 test and OOD splits.
 
 What to expect (README, 3 seeds, 2-core CPU): on the default task the two are within noise (greedy
-test, process - outcome: +1.7 ± 1.9 points; a run of both took 170 s on an idle 2-core CPU). On long
+test, process - outcome: +1.7 ± 1.9 points; a run of both took 150 s on an idle 2-core CPU). On long
 chains (--train_ops 5-6) the outcome reward is sparse (in about 80% of the groups every output gets
 the same reward, so every advantage is 0), and process supervision cuts the step error that outcome
 supervision leaves by a third (OOD 61-65% vs 92-97%), but neither gets the final answers of long

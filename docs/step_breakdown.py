@@ -1,0 +1,101 @@
+"""Where a lesson 02 step goes: `grpo_step` timed piece by piece, for one or several versions of the code.
+
+The versions are loaded in one process and take turns step by step, so a slower minute of a shared
+machine slows all of them alike; each prints the median of its steps (after one warm-up step) for
+sampling, pi_ref's log-probs, pi_theta's log-probs, the backward pass and the rest. One thread.
+
+    git worktree add /tmp/v527 527a645 && git worktree add /tmp/v5dc 5dcb694
+    python docs/step_breakdown.py 527a645=/tmp/v527 5dcb694=/tmp/v5dc now=. \\
+        --late_model runs/02_grpo_outcome/seed1/model
+
+Each version starts from pi_sft (early, short outputs) and, with --late_model, from a trained model
+(late, longer outputs). The versions must share pi_sft (the last one's is loaded for all).
+"""
+import argparse
+import collections
+import copy
+import importlib.util
+import statistics
+import sys
+import time
+
+import torch
+
+
+def load_module(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("versions", nargs="+", help="LABEL=REPO_FOLDER, e.g. now=.")
+    parser.add_argument("--late_model", default="", help="a trained model folder (lesson 02's runs/.../model)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per version and start")
+    args = parser.parse_args()
+    if any("=" not in v for v in args.versions):
+        sys.exit(f"error: versions are LABEL=REPO_FOLDER, got {args.versions}: e.g. now=.")
+    torch.set_num_threads(1)
+    times = {}  # label -> the piece being timed -> seconds in the current step
+    versions = {}
+    for label, repo in (v.split("=", 1) for v in args.versions):
+        common = load_module(f"{repo}/common.py", f"common_{label}")
+        sys.modules["common"] = common  # the lesson file imports `common`: this version's
+        lesson = load_module(f"{repo}/02_grpo_outcome.py", f"lesson02_{label}")
+        pieces = times[label] = collections.defaultdict(float)
+        # the lesson calls token_logprobs_by_length where it exists (which calls token_logprobs): time the outer call
+        log_probs = "token_logprobs_by_length" if hasattr(common, "token_logprobs_by_length") else "token_logprobs"
+        for name, piece in (("sample", "sample"), (log_probs, "log-probs")):
+            def timed(*a, _f=getattr(common, name), _piece=piece, _pieces=pieces, **k):
+                key = _piece if _piece == "sample" else ("pi_ref" if not torch.is_grad_enabled() else "pi_theta")
+                start = time.perf_counter()
+                out = _f(*a, **k)
+                _pieces[key] += time.perf_counter() - start
+                return out
+            setattr(common, name, timed)
+        versions[label] = (common, lesson)
+    backward, current = torch.Tensor.backward, {}
+
+    def timed_backward(self, *a, **k):
+        start = time.perf_counter()
+        out = backward(self, *a, **k)
+        current["pieces"]["backward"] += time.perf_counter() - start
+        return out
+    torch.Tensor.backward = timed_backward
+
+    from transformers import AutoModelForCausalLM
+    common = versions[list(versions)[-1]][0]
+    ref_policy, tokenizer = common.load_policy("tiny", common.SFT_STEPS, torch.device("cpu"))
+    ref_policy.eval().requires_grad_(False)
+    for start_from in ["pi_sft"] + ([args.late_model] if args.late_model else []):
+        policies, rows = {}, {}
+        for label in versions:
+            policy = (copy.deepcopy(ref_policy) if start_from == "pi_sft" else common._prepare(
+                AutoModelForCausalLM.from_pretrained(start_from, dtype=torch.float32), tokenizer, torch.device("cpu")))
+            policies[label] = (policy.requires_grad_(True), torch.optim.Adam(policy.parameters(), lr=1e-4))
+            rows[label] = collections.defaultdict(list)
+        for step in range(args.steps + 1):  # step 0 is a warm-up
+            for label, (common_v, lesson) in versions.items():
+                pieces = current["pieces"] = times[label]
+                pieces.clear()
+                common_v.set_seed(step)
+                questions = common_v.train_problems(step)
+                problems = [next(questions) for _ in range(16)]
+                start = time.perf_counter()
+                policy, optimizer = policies[label]
+                lesson.grpo_step(policy, ref_policy, tokenizer, optimizer, problems, lesson.Args())
+                total = time.perf_counter() - start
+                if step:
+                    for key in ("sample", "pi_ref", "pi_theta", "backward"):
+                        rows[label][key].append(pieces[key])
+                    rows[label]["rest"].append(total - sum(pieces.values()))
+                    rows[label]["step"].append(total)
+        for label in versions:
+            medians = {key: f"{statistics.median(v):.3f} s" for key, v in rows[label].items()}
+            print(f"from {start_from}, {label}: {medians}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

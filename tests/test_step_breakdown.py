@@ -1,0 +1,24 @@
+"""docs/step_breakdown.py, the README's timing of a lesson 02 step piece by piece, runs as documented."""
+import os
+import subprocess
+import sys
+
+import common
+
+SCRIPT = str(common.REPO / "docs" / "step_breakdown.py")
+
+
+def test_times_every_piece_of_a_step():
+    out = subprocess.run([sys.executable, SCRIPT, f"now={common.REPO}", "--steps", "1"], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("from pi_sft, now:")]
+    assert len(line) == 1, out.stdout
+    for piece in ("sample", "pi_ref", "pi_theta", "backward", "rest", "step"):
+        assert f"'{piece}':" in line[0]
+
+
+def test_bad_version_is_one_line():
+    out = subprocess.run([sys.executable, SCRIPT, "."], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and out.stderr.strip().count("\n") == 0
+    assert "LABEL=REPO_FOLDER" in out.stderr
