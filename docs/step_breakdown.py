@@ -38,32 +38,28 @@ def main():
     if any("=" not in v for v in args.versions):
         sys.exit(f"error: versions are LABEL=REPO_FOLDER, got {args.versions}: e.g. now=.")
     torch.set_num_threads(1)
-    times = {}  # label -> the piece being timed -> seconds in the current step
+    current = {"pieces": collections.defaultdict(float)}  # piece -> seconds in the step being timed
+
+    def timed(f, piece):  # piece None: pi_ref's pass when no gradient is recorded, else pi_theta's
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            out = f(*a, **k)
+            key = piece or ("pi_theta" if torch.is_grad_enabled() else "pi_ref")
+            current["pieces"][key] += time.perf_counter() - start
+            return out
+        return wrapper
+
     versions = {}
     for label, repo in (v.split("=", 1) for v in args.versions):
         common = load_module(f"{repo}/common.py", f"common_{label}")
         sys.modules["common"] = common  # the lesson file imports `common`: this version's
         lesson = load_module(f"{repo}/02_grpo_outcome.py", f"lesson02_{label}")
-        pieces = times[label] = collections.defaultdict(float)
         # the lesson calls token_logprobs_by_length where it exists (which calls token_logprobs): time the outer call
         log_probs = "token_logprobs_by_length" if hasattr(common, "token_logprobs_by_length") else "token_logprobs"
-        for name, piece in (("sample", "sample"), (log_probs, "log-probs")):
-            def timed(*a, _f=getattr(common, name), _piece=piece, _pieces=pieces, **k):
-                key = _piece if _piece == "sample" else ("pi_ref" if not torch.is_grad_enabled() else "pi_theta")
-                start = time.perf_counter()
-                out = _f(*a, **k)
-                _pieces[key] += time.perf_counter() - start
-                return out
-            setattr(common, name, timed)
+        common.sample = timed(common.sample, "sample")
+        setattr(common, log_probs, timed(getattr(common, log_probs), None))
         versions[label] = (common, lesson)
-    backward, current = torch.Tensor.backward, {}
-
-    def timed_backward(self, *a, **k):
-        start = time.perf_counter()
-        out = backward(self, *a, **k)
-        current["pieces"]["backward"] += time.perf_counter() - start
-        return out
-    torch.Tensor.backward = timed_backward
+    torch.Tensor.backward = timed(torch.Tensor.backward, "backward")
 
     from transformers import AutoModelForCausalLM
     common = versions[list(versions)[-1]][0]
@@ -78,13 +74,12 @@ def main():
             rows[label] = collections.defaultdict(list)
         for step in range(args.steps + 1):  # step 0 is a warm-up
             for label, (common_v, lesson) in versions.items():
-                pieces = current["pieces"] = times[label]
-                pieces.clear()
+                pieces = current["pieces"] = collections.defaultdict(float)
                 common_v.set_seed(step)
                 questions = common_v.train_problems(step)
                 problems = [next(questions) for _ in range(16)]
-                start = time.perf_counter()
                 policy, optimizer = policies[label]
+                start = time.perf_counter()
                 lesson.grpo_step(policy, ref_policy, tokenizer, optimizer, problems, lesson.Args())
                 total = time.perf_counter() - start
                 if step:
