@@ -125,8 +125,8 @@ def solution_text(problem: dict) -> str:
     return "\n".join(lines) + f"\n#### {value}\n"
 
 
-STEP_RE = re.compile(r"(\d{1,4})([+\-*])(\d{1,4})=(-?\d{1,4})")
-ANSWER_RE = re.compile(r"#### (-?\d{1,4})")
+STEP_RE = re.compile(r"([0-9]{1,4})([+\-*])([0-9]{1,4})=(-?[0-9]{1,4})")  # ASCII digits only: "２７" is not 27
+ANSWER_RE = re.compile(r"#### (-?[0-9]{1,4})")
 
 
 def split_lines(text: str) -> list[str]:
@@ -635,22 +635,25 @@ def maj_pass_curve(model, tokenizer, problems: list, ks: list, temperature: floa
     return result
 
 
-VERDICT_RULE = ("reproduced = the paper's sign on every seed and a mean difference at least twice its standard "
-                "deviation over seeds; within noise = the paper's sign on average only; not reproduced = no difference "
-                "or the other sign on average")
+VERDICT_RULE = ("reproduced = the paper's sign on every seed and |mean| >= 2 std over seeds; contradicted = the "
+                "opposite sign on every seed and |mean| >= 2 std; inconclusive = anything else (one seed is always "
+                "inconclusive)")
 
 
 def verdict(diffs: list) -> str:
     """The criterion every finding of the course is judged by (VERDICT_RULE), on per-seed differences
-    (method - baseline, the paper's sign positive). One seed cannot tell a finding from noise."""
+    (method - baseline, the paper's sign positive). Symmetric: a null result is inconclusive whatever the
+    sign of its mean. One seed cannot tell a finding from noise."""
     diffs = [round(d, 9) for d in diffs]  # accuracies are counts / N: a float residue like 1e-17 is no difference
-    m = sum(diffs) / len(diffs)
     if len(diffs) < 2:
-        return "paper's sign, 1 seed" if m > 0 else "not reproduced, 1 seed"
+        return "inconclusive, 1 seed"
+    m = sum(diffs) / len(diffs)
     sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1))
     if all(d > 0 for d in diffs) and m >= 2 * sd:
         return "reproduced"
-    return "within noise" if m > 0 else "not reproduced"
+    if all(d < 0 for d in diffs) and -m >= 2 * sd:
+        return "contradicted"
+    return "inconclusive"
 
 
 def results_table(rows: dict) -> str:

@@ -283,11 +283,14 @@ def test_rebuilding_pi_sft_gives_the_shipped_one(tmp_path):
 def test_verdict_follows_the_stated_rule():
     # reproduced: the paper's sign on every seed and mean >= 2 std (mean 0.11, std 0.01)
     assert common.verdict([0.10, 0.12, 0.11]) == "reproduced"
-    # every seed positive but the spread is large: mean 0.12, std 0.16
-    assert common.verdict([0.05, 0.01, 0.30]) == "within noise"
-    # positive on average, negative on one seed
-    assert common.verdict([0.10, -0.02, 0.30]) == "within noise"
-    assert common.verdict([-0.10, 0.02, 0.01]) == "not reproduced"
+    # contradicted: the mirror image
+    assert common.verdict([-0.10, -0.12, -0.11]) == "contradicted"
+    # every seed positive but the spread is large: mean 0.12, std 0.16; and its mirror
+    assert common.verdict([0.05, 0.01, 0.30]) == "inconclusive"
+    assert common.verdict([-0.05, -0.01, -0.30]) == "inconclusive"
+    # a null result is inconclusive whichever sign its mean has (+0.5 +- 4.4 and -0.7 +- 3.3)
+    assert common.verdict([0.10, -0.02, 0.30]) == "inconclusive"
+    assert common.verdict([-0.10, 0.02, 0.01]) == "inconclusive"
     # a float residue is no difference (0.3 - 0.1 - 0.2 = -2.8e-17), not a sign
-    assert common.verdict([0.3 - 0.1 - 0.2] * 3) == "not reproduced"
-    assert common.verdict([0.2]) == "paper's sign, 1 seed" and common.verdict([-0.2]) == "not reproduced, 1 seed"
+    assert common.verdict([0.3 - 0.1 - 0.2] * 3) == "inconclusive"
+    assert common.verdict([0.2]) == "inconclusive, 1 seed" == common.verdict([-0.2])
