@@ -561,10 +561,10 @@ def cost_line(costs):
         return None
     p, g = costs["PPO"], costs["GRPO+OS"]
     mean = lambda cs, key: statistics.mean(c[key] for c in cs)
-    line = (f"GRPO+OS keeps {mean(g, 'state_mb'):.1f} MB of weights+grads+Adam against PPO's {mean(p, 'state_mb'):.1f} MB "
+    line = (f"GRPO+OS keeps {mean(g, 'state_mb'):.1f} MiB of weights+grads+Adam against PPO's {mean(p, 'state_mb'):.1f} MiB "
             f"(no value model) and takes {mean(g, 'time_per_step'):.2f} s per update against {mean(p, 'time_per_step'):.2f} s")
     if all("peak_gpu_mb" in c for c in p + g):
-        line += f"; peak GPU memory {mean(g, 'peak_gpu_mb'):.0f} vs {mean(p, 'peak_gpu_mb'):.0f} MB"
+        line += f"; peak GPU memory {mean(g, 'peak_gpu_mb'):.0f} vs {mean(p, 'peak_gpu_mb'):.0f} MiB"
     return line
 
 
@@ -600,7 +600,7 @@ def report(final, curves, costs, args, seeds):
             print(f"| {n} | " + " | ".join(f"{100 * statistics.mean(c[s]):.1f}%" if s in c else "" for s in steps) + " |")
     print("\nCost of each method at the same batch (state = weights + gradients + Adam moments of the models it keeps):\n")
     gpu = all("peak_gpu_mb" in x for c in costs.values() for x in c)
-    print("| method | models kept | trainable params | state (MB) | time per update (s) |" + (" peak GPU (MB) |" if gpu else "")
+    print("| method | models kept | trainable params | state (MiB) | time per update (s) |" + (" peak GPU (MiB) |" if gpu else "")
           + "\n|---|---|---|---|---|" + ("---|" if gpu else ""))
     for n, c in costs.items():
         print(f"| {n} | {c[0]['models']} | {c[0]['trainable_params']:,} | {statistics.mean(x['state_mb'] for x in c):.1f} | "
