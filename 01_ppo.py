@@ -32,8 +32,8 @@ and the value loss, clipped like the policy so V_psi moves at most `value_clip` 
 Implementation details (as in cleanrl's ppo.py and TRL's PPO trainer): advantages are whitened over
 the batch's real completion tokens; value clipping; gradient clipping for both models; the policy and
 the value model have their own Adam optimizers (so no value-loss coefficient is needed: --value_lr sets
-how fast the critic learns). gamma = 1 (the paper's setting: a finite output, nothing to discount) and
-lambda = 1 by default, so A_t = (return - V(s_t)): the critic is only a baseline and its errors add no
+how fast the critic learns). The paper gives no gamma or lambda: gamma = 1 here (a finite output, nothing
+to discount) and lambda = 1 by default, so A_t = (return - V(s_t)): the critic is only a baseline and its errors add no
 bias while it is still learning; lambda < 1 (TRL uses 0.95) trusts the critic more, for less variance.
 
 At the end the lesson prints what the critic costs: the parameters of the policy and of the value model,
@@ -43,8 +43,8 @@ time per step, with the value model's share of it.
 Run:  python 01_ppo.py            (python 01_ppo.py --help lists every knob)
 It prints a before/after table (greedy accuracy, Maj@K, Pass@K, OOD accuracy) and the cost table, writes
 runs/01_ppo/seed0/metrics.jsonl and saves the trained policy and value model beside it.
-On a 2-core CPU the value model took 39-41% of every step (README); greedy test accuracy
-45.0% (pi_sft) -> 81.0-83.5% over seeds 0-2 (README). A run took 201 s on an idle 2-core CPU.
+On a 2-core CPU the value model took 39-41% of every step; greedy test accuracy
+45.0% (pi_sft) -> 81.0-83.5% over seeds 0-2 (docs/01_ppo.md). A run took 201 s on an idle 2-core CPU.
 """
 
 import copy

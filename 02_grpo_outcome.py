@@ -25,8 +25,8 @@ expectation, the gradient of KL(pi_ref || pi_theta), the other direction (the sa
 differentiated). Both pull pi_theta towards pi_ref; tests/test_02_grpo_outcome.py works it out exactly,
 with k1 (expected gradient 0) and k2 (the gradient of KL(pi_theta || pi_ref)) beside it.
 
-Three of the paper's choices are options, the paper's the default (the README's "What the paper's
-choices cost" measures them; docs/beyond_one_machine.md has the other trainers' names):
+Three of the paper's choices are options, the paper's the default (docs/02_grpo_outcome.md, "What the paper's
+choices cost", measures them; docs/beyond_one_machine.md has the other trainers' names):
 --loss_agg output | token | constant      eq. (3)'s 1/|o_i| | DAPO's token mean | Dr. GRPO's constant
                                           (TRL loss_type "grpo" | "dapo" | "dr_grpo")
 --scale_rewards group | none              divide by the group's std, or not (TRL scale_rewards,
@@ -43,7 +43,7 @@ runs/02_grpo_outcome/seed0/metrics.jsonl and saves the trained model beside it.
 Expect on a 2-core CPU: 73 s for the first run of a fresh clone (idle, 2 threads), and greedy test
 accuracy 45.0% (pi_sft, shipped in pi_sft/) -> 79.0-82.0% over seeds 0-2. --maj_pass_k 64 adds the
 paper's Figure 7 measurement (Maj@K and Pass@K for K = 1..64 at temperature 0.7) for pi_sft and the
-trained model; the README shows it.
+trained model; docs/02_grpo_outcome.md shows it.
 """
 
 import copy

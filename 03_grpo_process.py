@@ -57,12 +57,13 @@ Run:  python 03_grpo_process.py                      GRPO with process supervisi
 OOD accuracy and the step error of greedy outputs (wrong or missing steps among all steps) on the
 test and OOD splits.
 
-What to expect (README, 3 seeds, 2-core CPU): on the default task the two are within noise (greedy
-test, process - outcome: +1.7 ± 1.9 points; a run of both took 150 s on an idle 2-core CPU). On long
-chains (--train_ops 5-6) the outcome reward is sparse (in about 80% of the groups every output gets
-the same reward, so every advantage is 0), and process supervision cuts the step error that outcome
-supervision leaves by a third (OOD 61-65% vs 92-97%), but neither gets the final answers of long
-chains right (3-6%): per-step credit reaches the steps, not yet the answers, at this scale.
+What to expect (docs/03_grpo_process.md, 3 seeds, 2-core CPU): on the default task process - outcome
+is +1.7 ± 1.9 points of greedy test accuracy, inconclusive (a run of both took 150 s on an idle 2-core
+CPU). On long chains (--train_ops 5-6) the outcome reward is sparse (in about 80% of the groups every
+output gets the same reward, so every advantage is 0), and process supervision cuts the step error that
+outcome supervision leaves by a third (OOD 61-65% vs 92-97%), but neither gets the final answers of long
+chains right (3-6%; outcome ahead by 2.0 ± 1.0 points): per-step credit reaches the steps, not the
+answers, at this scale.
 
 Metrics go to runs/03_grpo_process/ops<train_ops>/seed<seed>/<supervision>/metrics.jsonl,
 the trained model beside them.

@@ -57,16 +57,21 @@ accuracy does not is over-optimisation.
 Run:  python 04_iterative_grpo.py              (iterative, the paper's Algorithm 1)
       python 04_iterative_grpo.py --frozen_rm  (the same policy updates with r_phi frozen)
       python 04_iterative_grpo.py --iterations 6 --steps 10 --scale_rewards none --eval_ood 0 --k 0
-                                                (the README's 3-seed comparison; add --frozen_rm)
+                                                (the 3-seed comparison; add --frozen_rm)
 Each prints a before/after table and a table per iteration, and writes
 runs/04_iterative_grpo/<iterative|frozen>-seed<seed>/metrics.jsonl, the policy and r_phi beside it.
 
-What to expect (README, 3 seeds of the comparison above, 2-core CPU): the frozen r_phi is over-optimised
-(its mean reward 44 -> 65% while the true accuracy of the same samples goes 42 -> 35%); Algorithm 1's
-re-training keeps r_phi's over-estimate at 10-15 points against 24-33 frozen. But the policy does not
-gain from it here: both runs peak after the first iteration (83-87% greedy) and end at 43-61%
-(iterative) vs 40-65% (frozen). r_phi is the limit: on the policy's samples it is right 56-70% of the
-time, about what always answering "wrong" would score.
+What to expect (docs/04_iterative_grpo.md, 2-core CPU). First the defaults, which collapse: with
+I = 3, M = 20 and the paper's std scaling, `python 04_iterative_grpo.py` (seed 0) goes from 45.0% greedy
+test accuracy to 60.5% after iteration 1 and to 4.0% at the end (--frozen_rm: 0.5%). The policy learns
+to please r_phi: the frozen r_phi's mean reward reaches 85.3% while the true accuracy of the same
+samples is 1.6% (re-trained r_phi: 46.2% against 5.1%). That is the lesson's first observation, a learned reward
+exploited. The third command is the regime in which Algorithm 1 does what it is for (3 seeds): the
+frozen r_phi is over-optimised (its mean reward 44 -> 65% while the true accuracy goes 42 -> 35%), and
+re-training keeps r_phi's over-estimate at 10-15 points against 24-33 frozen, on every seed. The policy
+does not gain from it here: final greedy test, iterative - frozen, +0.5 ± 4.4 points (inconclusive);
+both peak after the first iteration (83-87%) and fall after. r_phi is the limit: on the policy's
+samples it is right 56-70% of the time, about what always answering "wrong" would score.
 """
 
 import copy

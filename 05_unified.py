@@ -46,13 +46,13 @@ Choices made here, to keep every method comparable and the run short:
 - eq. (5)'s 1/|o| is the default normaliser; --normaliser constant (Dr. GRPO) or token (DAPO, TRL's
   default) changes it for every method alike. With 1/|o|, a right answer given at once (about 8
   tokens) pushes each of its tokens about four times harder than a right worked solution (about 30):
-  the README measures what that does to RFT and Online RFT.
+  docs/05_unified.md measures what that does to RFT and Online RFT.
 - PPO has a value model as large as the policy (the SFT backbone with a scalar head), the per-token
   KL reward of eq. (2), GAE, and advantages whitened over the batch (as cleanrl does).
 - RFT and DPO sample their data from pi_sft once, before training, as many outputs as the online
   methods sample in all; DPO pairs a right with a wrong output of the same question.
 
-Run:  python 05_unified.py                        every method, seeds 0,1,2 (see the README for times)
+Run:  python 05_unified.py                        every method, seeds 0,1,2 (docs/05_unified.md has times)
       python 05_unified.py --methods rft,online_rft --seeds 0
       python 05_unified.py --seeds 1 & ...            one process per seed, then
       python 05_unified.py --report_only             the tables and findings of all seeds, from the logs
