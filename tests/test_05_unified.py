@@ -90,7 +90,7 @@ def test_dpo_loss_has_the_sigmoid_gradient_coefficient(tiny):
     logp = common.token_logprobs(policy, batch)
     with torch.no_grad():
         ref_logp = common.token_logprobs(ref, batch)
-    # the paper's DPO (appendix A.1.3): log-ratios averaged over tokens
+    # the paper's DPO (appendix A.1.4): log-ratios averaged over tokens
     lr = ((logp - ref_logp) * mask).sum(1) / mask.sum(1)
     native = -F.logsigmoid(beta * lr[:2] - beta * lr[2:]).mean()
     gc = L.gc_dpo(logp, ref_logp, batch.completion_mask, 2, beta)

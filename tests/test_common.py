@@ -294,3 +294,82 @@ def test_verdict_follows_the_stated_rule():
     # a float residue is no difference (0.3 - 0.1 - 0.2 = -2.8e-17), not a sign
     assert common.verdict([0.3 - 0.1 - 0.2] * 3) == "inconclusive"
     assert common.verdict([0.2]) == "inconclusive, 1 seed" == common.verdict([-0.2])
+
+
+def test_answers_in_non_ascii_digits_are_graded_wrong():
+    """The decision: the task's answers are written in ASCII digits; "２７" (full-width) and "٢٧" (Arabic-Indic),
+    which Python's int() and \\d would read as 27, are not the answer, and a step written with them is wrong."""
+    assert common.verify(PROBLEM, "#### 27\n")["correct"]
+    for digits in ("２７", "٢٧", "2７", "۲۷", "𝟐𝟕"):
+        graded = common.verify(PROBLEM, f"#### {digits}\n")
+        assert graded == {"correct": False, "answer": None, "steps": [False], "missing": 3}, digits  # no answer line
+    # a step line that does not parse is wrong, and the next line is checked against the last parsed result (7)
+    assert common.verify(PROBLEM, "7+5=１２\n12*3=36\n36-9=27\n#### 27\n")["steps"] == [False, False, True, True]
+    assert not common.majority_correct(PROBLEM, ["#### ２７\n", "#### ２７\n", "#### 26\n"])
+
+
+def scripted_sampler(greedy_right, sampled_right, k, calls):
+    """A stand-in for common.sample: greedy outputs are right for the questions in `greedy_right`; the k
+    samples of a question q are right where sampled_right(q) says so (a list of k bools), wrong answers
+    all the same number (so a majority of wrong samples agrees on it). Records every call."""
+    tokenizer = common.build_char_tokenizer()
+    problems = {p["question"]: p for p in common.make_split("test", 16) + common.make_split("ood", 16)}
+
+    def text(p, right):
+        return common.solution_text(p) if right else f"#### {p['answer'] + 1}\n"
+
+    def sample(model, tok, prompts, group_size=1, temperature=1.0, max_new_tokens=64, greedy=False):
+        calls.append({"n": len(prompts), "group_size": group_size, "temperature": temperature,
+                      "max_new_tokens": max_new_tokens, "greedy": greedy})
+        texts = []
+        for prompt in prompts:
+            p = problems[prompt.strip()]
+            if greedy:
+                texts.append(text(p, p["question"] in greedy_right))
+            else:
+                assert group_size == k
+                texts += [text(p, r) for r in sampled_right(p["question"])]
+        return common.build_batch(tokenizer, [p for p in prompts for _ in range(group_size)], texts, "cpu")
+
+    return tokenizer, sample
+
+
+def test_evaluate_tells_greedy_maj_and_pass_apart(monkeypatch):
+    """Eight test questions, K = 3 samples each: greedy right on questions 0 and 4 only; samples right
+    [R, R, W] on questions 0, 1, 4, 5 (majority right), [W, W, R] on 2 and 6 (only Pass@3), none on 3 and 7.
+    So greedy 2/8, Maj@3 4/8, Pass@3 6/8; OOD greedy right on 3 of 8 questions."""
+    test, ood = common.make_split("test", 8), common.make_split("ood", 8)
+    greedy_right = {test[0]["question"], test[4]["question"]} | {p["question"] for p in ood[:3]}
+    pattern = {0: [True, True, False], 1: [True, True, False], 2: [False, False, True], 3: [False] * 3}
+    index = {p["question"]: i for i, p in enumerate(test)}
+    calls = []
+    tokenizer, sampler = scripted_sampler(greedy_right, lambda q: pattern[index[q] % 4], 3, calls)
+    monkeypatch.setattr(common, "sample", sampler)
+    result = common.evaluate(None, tokenizer, n_test=8, n_ood=8, k=3, temperature=0.6, max_new_tokens=50, chunk=6)
+    assert result == {"test_greedy": 0.25, "test_maj@3": 0.5, "test_pass@3": 0.75, "ood_greedy": 0.375}
+    # every question once greedily per split, and its K samples at the given temperature, in chunks
+    assert sum(c["n"] for c in calls if c["greedy"]) == 16
+    assert sum(c["n"] for c in calls if not c["greedy"]) == 8
+    assert all(c["temperature"] == 0.6 and c["group_size"] == 3 for c in calls if not c["greedy"])
+    assert all(c["max_new_tokens"] == 50 for c in calls) and max(c["n"] * c["group_size"] for c in calls) <= 6
+
+
+def test_maj_pass_curve_worked_example(monkeypatch):
+    """N = 4 samples per question. Question A: [R, W, R, W] (c = 2); question B: [W, W, W, R] (c = 1).
+    Pass@K, unbiased, 1 - C(N-c, K)/C(N, K): A 1/2, 5/6, 1 for K = 1, 2, 4; B 1/4, 1/2, 1.
+    Maj@K over the N/K blocks of K (a tie goes to the answer seen first): A [R][W][R][W] 1/2, [R,W][R,W] 1,
+    [R,W,R,W] 1; B 1/4, [W,W][W,R] 0, [W,W,W,R] 0. The curve is the mean over A and B."""
+    a, b = common.make_split("test", 2)
+    pattern = {a["question"]: [True, False, True, False], b["question"]: [False, False, False, True]}
+    calls = []
+    tokenizer, sampler = scripted_sampler(set(), pattern.get, 4, calls)
+    monkeypatch.setattr(common, "sample", sampler)
+    curve = common.maj_pass_curve(None, tokenizer, [a, b], [1, 2, 4])
+    expected = {"pass@1": (1 / 2 + 1 / 4) / 2, "pass@2": (5 / 6 + 1 / 2) / 2, "pass@4": 1.0,
+                "maj@1": (1 / 2 + 1 / 4) / 2, "maj@2": (1 + 0) / 2, "maj@4": (1 + 0) / 2}
+    assert curve == pytest.approx(expected)
+    assert [c["temperature"] for c in calls] == [0.7] * len(calls)  # the paper's temperature by default
+    # the estimate is unbiased: Pass@2 of A is the share of its 6 pairs of samples with a right one
+    from itertools import combinations
+    pairs = list(combinations(pattern[a["question"]], 2))
+    assert sum(any(p) for p in pairs) / len(pairs) == pytest.approx(5 / 6)
