@@ -136,9 +136,10 @@ def maj_pass_figure(files: list[str], out: str, title: str, plt):
         import common
 
         print(f"\nGain after GRPO at each K, mean ± std over {len(found)} runs. The paper's finding (Figure 7) is "
-              f"that RL raises Maj@K and not Pass@K, so the verdict judges Maj@K gain - Pass@K gain > 0 "
-              f"[{common.VERDICT_RULE}]:\n")
-        print("| split | K | Maj@K gain | Pass@K gain | Maj@K gain - Pass@K gain |\n|---|---|---|---|---|")
+              f"that RL raises Maj@K and not Pass@K. The bracket judges the gap Maj@K gain - Pass@K gain > 0, "
+              f"which a falling Pass@K can make positive while Maj@K stays flat: read the Maj@K gain column for "
+              f"the finding itself [{common.VERDICT_RULE}]:\n")
+        print("| split | K | Maj@K gain | Pass@K gain | Maj@K gain - Pass@K gain [verdict on the gap] |\n|---|---|---|---|---|")
         show = lambda xs: f"{100 * statistics.mean(xs):+.1f} ± {100 * statistics.stdev(xs):.1f} pts"
         for split in splits:
             before, after = (f"{split}, {m}" for m in ("SFT model", "after GRPO (outcome)"))
