@@ -56,3 +56,14 @@ def error_line(main, argv, capsys) -> str:
     message = str(stop.value.code)
     assert message.startswith("error: ") and "\n" not in message, message
     return message
+
+
+# TINY from the shipped pi_sft: without --sft_steps the default (800 steps, seed 0) loads ./pi_sft and builds
+# nothing. pi_sft is right about half the time, so even a two-step run has groups whose rewards differ and
+# the policy moves: a test that needs the policy to move (a reset, a reload, pi_old held) starts here.
+TINY_PI_SFT = [a for i, a in enumerate(TINY) if "--sft_steps" not in TINY[max(0, i - 1):i + 1]]
+
+
+def checksum(model) -> float:
+    """One number that changes when any weight changes."""
+    return sum(p.detach().double().sum().item() + p.detach().double().abs().sum().item() for p in model.parameters())

@@ -1,4 +1,6 @@
 """Lesson 02: GRPO with outcome supervision, equations (3) and (4)."""
+import copy
+import json
 import math
 import time
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 
 import common
-from conftest import TINY, error_line, load_lesson
+from conftest import TINY, TINY_PI_SFT, error_line, load_lesson
 
 grpo = load_lesson("02_grpo_outcome")
 
@@ -33,6 +35,11 @@ def test_k3_zero_when_equal_and_never_negative():
     assert torch.allclose(grpo.kl_k3(logp, logp), torch.zeros(1000))
     ref = torch.log(torch.rand(1000))
     assert (grpo.kl_k3(logp, ref) >= 0).all()
+    # the argument order: kl_k3(logp, ref_logp) with pi_theta = 1/2, pi_ref = 1/4 is
+    # pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 = 1/2 + log 2 - 1; swapped it would be 2 - log 2 - 1
+    half, quarter = torch.tensor(0.5).log(), torch.tensor(0.25).log()
+    assert grpo.kl_k3(half, quarter).item() == pytest.approx(0.5 + math.log(2) - 1)
+    assert grpo.kl_k3(quarter, half).item() == pytest.approx(1 - math.log(2))
 
 
 def test_k3_is_unbiased_for_the_kl_of_two_categoricals():
@@ -112,9 +119,10 @@ def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):
     assert time.time() - started < 60
     for table in (result["before"], result["after"]):
         assert set(table) == {"test_greedy", "test_maj@2", "test_pass@2", "ood_greedy"}
-        assert all(0 <= v <= 1 for v in table.values())
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3  # two steps and the final record
+    assert [line["step"] for line in lines[:2]] == [1, 2] and lines[0]["kl"] == pytest.approx(0, abs=1e-6)
+    assert lines[2]["before"] == result["before"] and lines[2]["after"] == result["after"]
     assert (tmp_path / "model" / "config.json").exists()
 
 
@@ -232,3 +240,32 @@ def test_kl_estimators_in_the_loss_worked_example():
         loss, stats = grpo.grpo_loss(logp, logp, ref_logp, zero, mask, 0.2, 2.0, "token", estimator)
         assert loss.item() == pytest.approx(2.0 * value)
         assert stats["kl"] == pytest.approx(math.exp(-0.5) - 0.5)  # the log shows k3 whatever the loss uses
+
+
+def test_pi_old_is_held_across_grpo_iterations(sft_policy, monkeypatch):
+    """--mu 3: the three updates on one sampled batch share pi_old's log-probs (the first pass's, before any
+    update) and pi_ref's, while pi_theta's move, so the ratio leaves 1 from the second update on."""
+    policy, tokenizer = sft_policy
+    policy = copy.deepcopy(policy)
+    seen, real_loss = [], grpo.grpo_loss
+    monkeypatch.setattr(grpo, "grpo_loss", lambda logp, old_logp, ref_logp, *a: seen.append(
+        (logp.detach().clone(), old_logp.clone(), ref_logp.clone())) or real_loss(logp, old_logp, ref_logp, *a))
+    args = grpo.Args(group_size=4, mu=3, max_new_tokens=40)
+    common.set_seed(0)
+    grpo.grpo_step(policy, copy.deepcopy(policy).requires_grad_(False), tokenizer,
+                   torch.optim.Adam(policy.parameters(), lr=1e-3), common.make_split("test", 4), args)
+    assert len(seen) == 3
+    (logp0, old0, ref0), (logp1, old1, ref1), (logp2, old2, ref2) = seen
+    assert torch.equal(old0, logp0) and torch.equal(old1, old0) and torch.equal(old2, old0)
+    assert torch.equal(ref0, ref1) and torch.equal(ref1, ref2) and torch.allclose(ref0, logp0, atol=1e-5)
+    assert not torch.allclose(logp1, old0, atol=1e-6) and not torch.allclose(logp2, logp1, atol=1e-6)
+
+
+def test_main_warms_the_learning_rate_up_step_by_step(cache_dir, tmp_path, monkeypatch):
+    """--warmup_steps 4: the updates of steps 1, 2, 3 use lr/4, 2lr/4, 3lr/4 (the scheduler steps once a step)."""
+    lrs, real_step = [], grpo.grpo_step
+    monkeypatch.setattr(grpo, "grpo_step", lambda policy, ref, tok, optimizer, *a: lrs.append(
+        optimizer.param_groups[0]["lr"]) or real_step(policy, ref, tok, optimizer, *a))
+    grpo.main(TINY_PI_SFT + ["--steps", "3", "--warmup_steps", "4", "--lr", "4e-4", "--eval_test", "1", "--eval_ood", "0",
+                             "--k", "0", "--cache_dir", cache_dir, "--out_dir", str(tmp_path)])
+    assert lrs == pytest.approx([1e-4, 2e-4, 3e-4])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import common
-from conftest import TINY, error_line, load_lesson
+from conftest import TINY, TINY_PI_SFT, checksum, error_line, load_lesson
 
 lesson = load_lesson("03_grpo_process")
 
@@ -178,7 +178,51 @@ def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):
         lines = [json.loads(l) for l in (Path(tmp_path) / supervision / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in lines[:-1]] == [1, 2] and lines[-1]["final"]
         for r in lines[:-1]:
-            assert 0 <= r["step_acc"] <= 1 and r["steps_per_output"] >= 1 and r["kl"] >= 0
+            # the logged reward is the supervision's own: the outcome share, or the share of right steps
+            assert r["reward"] == (r["accuracy"] if supervision == "outcome" else r["step_acc"])
+        assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # each supervision's first step: pi_theta = pi_sft = pi_ref
+        assert lines[-1]["after"] == result["after"][supervision] and lines[-1]["before"] == result["before"]
         assert (Path(tmp_path) / supervision / "model" / "config.json").exists()
-        assert 0 <= result["after"][supervision]["test_step_err"] <= 1
     assert set(result["before"]) == {"test_greedy", "ood_greedy", "test_step_err", "ood_step_err"}
+
+
+def run_spying_on_train(cache_dir, tmp_path, monkeypatch, *extra):
+    """lesson.main from the shipped pi_sft with 4 questions x G=4 (groups with signal: the policy moves);
+    records, for every call of train(), the policy and pi_ref it was given and their weights before and after."""
+    calls, real_train = [], lesson.train
+
+    def train(policy, ref_policy, *a, **kw):
+        call = {"policy": policy, "ref": ref_policy, "start": checksum(policy), "ref_start": checksum(ref_policy)}
+        log = real_train(policy, ref_policy, *a, **kw)
+        calls.append({**call, "end": checksum(policy), "ref_end": checksum(ref_policy)})
+        return log
+
+    monkeypatch.setattr(lesson, "train", train)
+    result = lesson.main(TINY_PI_SFT + ["--batch_size", "4", "--group_size", "4", "--k", "0", "--eval_ood", "0",
+                                        "--cache_dir", cache_dir, "--out_dir", str(tmp_path), *extra])
+    return result, calls
+
+
+def test_both_supervisions_start_from_pi_sft(cache_dir, tmp_path, monkeypatch):
+    """--supervision both: the process run starts from a fresh pi_sft, not from the outcome run's policy,
+    and pi_ref stays pi_sft for both."""
+    sft = checksum(common.load_policy("tiny", common.SFT_STEPS, "cpu")[0])
+    _, calls = run_spying_on_train(cache_dir, tmp_path, monkeypatch, "--supervision", "both")
+    assert len(calls) == 2
+    assert calls[0]["end"] != sft  # the outcome run moved its policy (else this test could not tell)
+    assert calls[1]["start"] == sft and calls[1]["policy"] is not calls[0]["policy"]
+    assert all(c["ref_start"] == c["ref_end"] == sft for c in calls)
+
+
+def test_pi_old_is_held_across_grpo_iterations(cache_dir, tmp_path, monkeypatch):
+    """--mu 3: the three updates on one batch share pi_old's log-probs (those of the first pass, before any
+    update), while pi_theta's move: the ratio leaves 1 on the second and third."""
+    seen, real_loss = [], lesson.grpo_loss
+    monkeypatch.setattr(lesson, "grpo_loss", lambda logp, old_logp, *a: seen.append(
+        (logp.detach().clone(), old_logp.clone())) or real_loss(logp, old_logp, *a))
+    lesson.main(TINY_PI_SFT + ["--mu", "3", "--steps", "1", "--batch_size", "4", "--group_size", "4", "--k", "0",
+                               "--eval_test", "1", "--eval_ood", "0", "--cache_dir", cache_dir, "--out_dir", str(tmp_path)])
+    assert len(seen) == 3
+    (logp0, old0), (logp1, old1), (logp2, old2) = seen
+    assert torch.equal(old0, logp0) and torch.equal(old1, old0) and torch.equal(old2, old0)
+    assert not torch.allclose(logp1, old0, atol=1e-6) and not torch.allclose(logp2, logp1, atol=1e-6)
