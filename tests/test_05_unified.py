@@ -208,19 +208,25 @@ def spy(monkeypatch):
 SMALL = dict(steps=3, batch_size=2, group_size=2, max_new_tokens=8, eval_every=0, device="cpu")
 
 
-def test_rft_data_is_sampled_once_from_the_sft_model(tiny, spy):
+def test_rft_data_is_sampled_once_from_the_sft_model(tiny, spy, monkeypatch):
     import copy
     sft, _, tokenizer, _ = tiny
     args = L.Args(**SMALL)
     offline = L.offline_data(sft, tokenizer, args, seed=0)
     assert len(spy) == args.steps and all(model is sft for model, _ in spy)
     before = [b.completion_ids.clone() for _, b in offline]
+    # a random model is never right: count every output as right, so GC = I(o) = 1 and the policy moves
+    monkeypatch.setattr(L, "outcome_rewards", lambda problems, texts, g: torch.ones(len(texts)))
+    trained_on, real_logprobs = [], common.token_logprobs
+    monkeypatch.setattr(common, "token_logprobs", lambda model, batch, *a: trained_on.append(
+        batch.completion_ids.clone()) or real_logprobs(model, batch, *a))
     policy = copy.deepcopy(sft).requires_grad_(True)
     start = checksum(policy)
     L.train_method("rft", policy, sft, tokenizer, args, seed=0, offline=offline)
     assert len(spy) == args.steps  # no sampling while training
     assert all(torch.equal(a, b.completion_ids) for a, (_, b) in zip(before, offline))
-    assert checksum(policy) != start or all(L.outcome_rewards(p, b.texts, 2).sum() == 0 for p, b in offline)
+    assert len(trained_on) == args.steps and all(torch.equal(a, b) for a, b in zip(trained_on, before))  # in order
+    assert checksum(policy) != start
 
 
 def test_online_rft_samples_from_the_current_policy(tiny, spy, monkeypatch):
@@ -254,7 +260,10 @@ def test_main_end_to_end_tiny(cache_dir, tmp_path, capsys):
     assert sum(bool(x.get("final")) for x in lines) == 1 + len(names)
     printed = capsys.readouterr().out
     assert "gc_grpo: return (advantages + beta * (torch.exp(ref_logp - logp.detach()) - 1)) * mask" in printed
-    assert "What GRPO saves" in printed and "[inconclusive, 1 seed]" in printed  # one seed: the criterion gives no verdict
+    assert "What GRPO saves" in printed
+    # one seed: the criterion gives no verdict, for every finding
+    assert [verdict for _, verdict, _ in out["findings"]] == ["inconclusive, 1 seed"] * 5
+    assert printed.count("- [inconclusive, 1 seed] ") == 5
     # the report is made from the logs alone: --report_only prints the same tables and findings again
     again = L.main(argv + ["--report_only"])
     assert again["findings"] == out["findings"] and again["final"] == out["final"]
@@ -329,3 +338,132 @@ def test_process_advantages_match_lesson_03():
             ours = L.grpo_process_advantages(problems, batch, G)  # [3G, T]
             theirs = lesson03.grpo_process_advantages(*lesson03.step_rewards(problems, batch, G), G, T)  # [3G, T]
             assert torch.allclose(ours, theirs * batch.completion_mask, atol=1e-5), (G, texts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The normalisers of eq. (5), DPO's pairs, PPO's pieces (pinned to lesson 01), the findings on several seeds
+
+
+def test_unified_loss_normalisers_worked_example():
+    """o_1: one token with GC 2; o_2: three tokens with GC 1 (and a padded fourth). d loss / d log pi:
+    output (1/|o|, then the mean over 2 outputs): -2/1/2 = -1 on o_1, -1/3/2 on each token of o_2;
+    constant (1/max_len = 1/4, then the mean): -2/4/2, -1/4/2; token (1/4 tokens of the batch): -2/4, -1/4;
+    output with n_samples = 1 (DPO: the two outputs are one draw): -2, -1/3."""
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]])
+    gc = torch.tensor([[2.0, 0, 0, 0], [1.0, 1.0, 1.0, 1.0]]) * mask
+    expected = {("output", None): (-1.0, -1 / 6), ("constant", None): (-0.25, -0.125), ("token", None): (-0.5, -0.25),
+                ("output", 1): (-2.0, -1 / 3)}
+    for (normaliser, n_samples), (first, second) in expected.items():
+        logp = torch.full((2, 4), -0.7, requires_grad=True)
+        loss = L.unified_loss(logp, mask, gc, n_samples, normaliser, max_len=4)
+        loss.backward()
+        want = torch.tensor([[first, 0, 0, 0], [second, second, second, 0]])
+        assert torch.allclose(logp.grad, want), (normaliser, n_samples, logp.grad)
+        assert loss.item() == pytest.approx((want * -0.7).sum().item())  # the loss is linear in log pi
+
+
+def test_dpo_pairs_uneven_all_right_all_wrong_groups():
+    """Each question pairs its right outputs with its wrong ones one to one, in order, never across questions:
+    [R W W W] -> one pair; [R R R W] -> one; all right or all wrong -> none; [W R W R] -> two."""
+    tokenizer = common.build_char_tokenizer()
+    problems = common.make_split("test", 5)
+    right = lambda p: common.solution_text(p)
+    wrong = lambda p: f"#### {p['answer'] + 1}\n"
+    patterns = ["RWWW", "RRRW", "RRRR", "WWWW", "WRWR"]
+    texts = [right(p) if c == "R" else wrong(p) for p, pattern in zip(problems, patterns) for c in pattern]
+    batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems for _ in range(4)], texts, "cpu")
+    chosen, rejected = L.dpo_pairs(problems, batch, 4)
+    assert list(zip(chosen, rejected)) == [(0, 1), (4, 7), (17, 16), (19, 18)]
+
+
+class ListLog:
+    def __init__(self):
+        self.records = []
+
+    def write(self, record):
+        self.records.append(record)
+
+
+def test_dpo_without_a_pair_makes_no_update(tiny):
+    """A batch where no question has both a right and a wrong output: GC = 0 and no optimizer step (Adam
+    would still move the weights); with one pair per question the policy moves."""
+    import copy
+    sft, _, tokenizer, batch = tiny  # TEXTS: right, wrong for each of the two questions
+    args = L.Args(**{**SMALL, "steps": 1})
+    all_wrong = common.build_batch(tokenizer, [common.prompt_text(PROBLEMS[i // G]) for i in range(4)],
+                                   [TEXTS[1], TEXTS[1], TEXTS[3], TEXTS[3]], "cpu")
+    for data, moves in (([(PROBLEMS, all_wrong)], False), ([(PROBLEMS, batch)], True)):
+        log = ListLog()
+        policy = copy.deepcopy(sft).requires_grad_(True)
+        start = checksum(policy)
+        L.train_method("dpo", policy, sft, tokenizer, args, seed=0, log=log, offline=data)
+        assert (checksum(policy) != start) == moves
+        assert log.records[-1]["pairs"] == (2 if moves else 0) and (log.records[-1]["gc_abs_mean"] > 0) == moves
+
+
+def test_ppo_pieces_equal_lesson_01s():
+    """Lesson 05's PPO is lesson 01's: the per-token KL-penalised reward of eq. (2), GAE, whitening, and the
+    value loss at the first update of a batch (V = V_old, so lesson 01's clip does not act)."""
+    ppo = load_lesson("01_ppo")
+    g = torch.Generator().manual_seed(0)
+    lengths, T = [5, 1, 3, 5], 5
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
+    logp, ref_logp = -torch.rand(4, T, generator=g), -torch.rand(4, T, generator=g)
+    scores, values = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.randn(4, T, generator=g) * mask
+    ours = L.ppo_token_rewards(scores, logp, ref_logp, mask, 0.1)
+    theirs, _ = ppo.kl_penalised_rewards(scores, logp, ref_logp, mask, 0.1)
+    assert torch.allclose(ours * mask, theirs, atol=1e-6)
+    for gamma, lam in ((1.0, 0.95), (1.0, 1.0), (0.9, 0.5)):
+        (a, r), (a1, r1) = L.gae(ours, values, mask, gamma, lam), ppo.gae(theirs, values, mask, gamma, lam)
+        assert torch.allclose(a, a1, atol=1e-6) and torch.allclose(r, r1, atol=1e-6)
+        assert torch.allclose(L.whiten(a, mask), ppo.whiten(a1, mask), atol=1e-5)
+    returns = L.gae(ours, values, mask, 1.0, 0.95)[1]
+    v = (values + 0.3 * torch.randn(4, T, generator=g)) * mask
+    value_loss_05 = 0.5 * (((v - returns) ** 2) * mask).sum() / mask.sum()  # as written in train_method
+    value_loss_01, _ = ppo.clipped_value_loss(v, v, returns, mask, value_clip=0.2)
+    assert value_loss_05.item() == pytest.approx(value_loss_01.item())
+
+
+def test_ppo_in_train_method_uses_the_value_loss_of_its_returns(tiny, monkeypatch):
+    """One PPO update through train_method: the logged value loss is 1/2 the mean squared error between V_psi
+    (read before its update) and the GAE returns of the same batch."""
+    import copy
+    sft, _, tokenizer, _ = tiny
+    seen, real_gae = {}, L.gae
+    monkeypatch.setattr(L, "gae", lambda rewards, values, mask, *a: seen.update(
+        values=values.clone(), out=real_gae(rewards, values, mask, *a), mask=mask) or seen["out"])
+    log = ListLog()
+    L.train_method("ppo", copy.deepcopy(sft).requires_grad_(True), sft, tokenizer, L.Args(**{**SMALL, "steps": 1}),
+                   seed=0, log=log)
+    m = seen["mask"].float()
+    expected = 0.5 * (((seen["values"] - seen["out"][1]) ** 2) * m).sum() / m.sum()
+    assert log.records[-1]["value_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_findings_on_several_seeds_from_the_logs(tmp_path, capsys):
+    """--report_only on three seeds' logs written here: each finding compares the right pair in the right
+    direction and gets the stated rule's verdict (reproduced, contradicted, inconclusive)."""
+    greedy = {"SFT model": [.40, .40, .40], "RFT": [.50, .52, .51], "Online RFT": [.60, .63, .61],
+              "GRPO+OS": [.55, .56, .54], "GRPO+PS": [.56, .54, .56]}  # Online-RFT: +.10 +.11 +.10; GRPO-Online: -.05 -.07 -.07
+    maj = {"SFT model": [.50] * 3, "GRPO+OS": [.70, .72, .71]}  # +.20 +.22 +.21
+    pas = {"SFT model": [.80] * 3, "GRPO+OS": [.85, .70, .95]}  # +.05 -.10 +.15: Maj gain - Pass gain .15 .32 .06
+    for seed in range(3):
+        lines = []
+        for name, values in greedy.items():
+            after = {"test_greedy": values[seed], "test_maj@8": maj.get(name, [.5] * 3)[seed],
+                     "test_pass@8": pas.get(name, [.8] * 3)[seed], "ood_greedy": 0.0}
+            cost = {} if name == "SFT model" else {"time_per_step": 1.0, "state_mb": 10.0, "trainable_params": 5,
+                                                   "models": "policy"}
+            lines.append(json.dumps({"method": name, "final": True, "seed": seed, "after": after, **cost}))
+        (tmp_path / f"seed{seed}").mkdir()
+        (tmp_path / f"seed{seed}" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    out = L.main(["--report_only", "--seeds", "0,1,2", "--out_dir", str(tmp_path),
+                  "--methods", "rft,online_rft,grpo_os,grpo_ps"])
+    assert [(claim, verdict) for claim, verdict, _ in out["findings"]] == [
+        ("Online RFT ends above RFT (Figure 5)", "reproduced"),
+        ("GRPO ends above Online RFT (Figure 5)", "contradicted"),
+        ("GRPO+PS ends above GRPO+OS (Figure 5)", "inconclusive"),  # +.01 -.02 +.02
+        ("RL (GRPO+OS) raises Maj@8", "reproduced"),
+        ("RL (GRPO+OS) raises Maj@8 more than Pass@8", "inconclusive")]  # all > 0, but the mean .18 < 2 std .26
+    assert "+10.3 ± 0.6 pts" in out["findings"][0][2] and "-6.3 ± 1.2 pts" in out["findings"][1][2]
+    assert "[reproduced] Online RFT ends above RFT" in capsys.readouterr().out
