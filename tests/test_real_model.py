@@ -88,7 +88,7 @@ def test_pretrained_settings_replace_the_defaults_unless_given(capsys):
 
 
 def test_token_logprobs_equal_cross_entropy_on_the_real_tokenizer(smollm2_cut):
-    """With logits_to_keep (no logits at the prompt's positions) and left padding of unequal prompts."""
+    """With left padding of unequal prompts, on the real tokenizer and architecture."""
     policy, tokenizer = common.load_policy(smollm2_cut, 0, "cpu")
     problems = common.make_split("test", 3)
     batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems],
