@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import common
-from conftest import error_line, load_lesson
+from conftest import TINY_PI_SFT, error_line, load_lesson
 
 ppo = load_lesson("01_ppo")
 
@@ -188,7 +188,41 @@ def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):
     assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # pi_theta = pi_ref before the first update
     assert lines[-1]["final"] and "cost" in lines[-1]
     cost = result["cost"]
-    assert cost["V_psi (value model)"]["trainable"] != "0" and cost["pi_ref (frozen)"]["trainable"] == "0"
-    assert "n/a" in result["memory"] and result["mean_step_time"] > 0
+    count = lambda row, key: int(cost[row][key].replace(",", ""))
+    mib = lambda row: float(cost[row]["weights + Adam state"].split()[0])
+    assert count("pi_theta (policy)", "parameters") == count("pi_ref (frozen)", "parameters")
+    assert count("pi_ref (frozen)", "trainable") == 0
+    assert count("V_psi (value model)", "trainable") == pytest.approx(count("pi_theta (policy)", "trainable"), rel=0.01)
+    assert mib("pi_theta (policy)") == pytest.approx(3 * mib("pi_ref (frozen)"), abs=0.1)  # weights + Adam's 2 moments
+    assert "n/a" in result["memory"]
+    # the summary is the mean of the logged steps, and the value model's time is a part of each step's
+    assert result["mean_step_time"] == pytest.approx(sum(l["step_time"] for l in steps) / 2)
+    assert result["mean_value_time"] == pytest.approx(sum(l["value_time"] for l in steps) / 2)
+    assert all(0 < l["value_time"] < l["step_time"] for l in steps)
     assert (Path(tmp_path) / "model" / "config.json").exists()
     assert (Path(tmp_path) / "value_model" / "config.json").exists()
+
+
+def test_pi_old_is_held_across_ppo_epochs_and_v_psi_learns(cache_dir, tmp_path, monkeypatch):
+    """From the shipped pi_sft (right about half the time, so returns vary): every epoch over a sampled batch
+    compares pi_theta with the same pi_old log-probs (those taken at sampling time), so the ratio is 1 on the
+    first minibatch and moves away from 1 after updates; and the value model is trained (its head, zero at
+    the start, is not zero at the end)."""
+    from transformers import AutoModelForTokenClassification
+
+    seen, real = [], ppo.ppo_clipped_surrogate
+    monkeypatch.setattr(ppo, "ppo_clipped_surrogate", lambda logp, old_logp, *a: seen.append(
+        (logp.detach().clone(), old_logp.clone())) or real(logp, old_logp, *a))
+    argv = list(TINY_PI_SFT)
+    del argv[argv.index("--group_size"):argv.index("--group_size") + 2]  # lesson 01 samples one output a question
+    argv += ["--batch_size", "8"]
+    ppo.main(argv + ["--minibatch_size", "8", "--ppo_epochs", "3", "--steps", "1", "--eval_test", "1", "--eval_ood", "0",
+                     "--k", "0", "--cache_dir", cache_dir, "--out_dir", str(tmp_path)])
+    assert len(seen) == 3  # 3 epochs of one minibatch (the whole batch, in a new order each epoch)
+    as_set = lambda x: x.flatten().sort().values
+    (logp0, old0), (logp1, old1), (logp2, old2) = seen
+    assert torch.allclose(logp0, old0, atol=1e-5)  # before any update pi_theta is pi_old
+    assert torch.equal(as_set(old1), as_set(old0)) and torch.equal(as_set(old2), as_set(old0))
+    assert not torch.allclose(as_set(logp1), as_set(old0), atol=1e-6)  # the ratio has left 1
+    value_model = AutoModelForTokenClassification.from_pretrained(tmp_path / "value_model")
+    assert value_model.score.weight.abs().max() > 0

@@ -385,20 +385,22 @@ class ListLog:
 
 
 def test_dpo_without_a_pair_makes_no_update(tiny):
-    """A batch where no question has both a right and a wrong output: GC = 0 and no optimizer step (Adam
-    would still move the weights); with one pair per question the policy moves."""
+    """Two DPO updates: the first batch has a pair per question (the policy moves), the second has none (no
+    question with both a right and a wrong output): GC = 0 and no optimizer step, so the weights stay where
+    the first update left them (an Adam step on a zero gradient would still move them by its momentum)."""
     import copy
     sft, _, tokenizer, batch = tiny  # TEXTS: right, wrong for each of the two questions
-    args = L.Args(**{**SMALL, "steps": 1})
     all_wrong = common.build_batch(tokenizer, [common.prompt_text(PROBLEMS[i // G]) for i in range(4)],
                                    [TEXTS[1], TEXTS[1], TEXTS[3], TEXTS[3]], "cpu")
-    for data, moves in (([(PROBLEMS, all_wrong)], False), ([(PROBLEMS, batch)], True)):
-        log = ListLog()
-        policy = copy.deepcopy(sft).requires_grad_(True)
-        start = checksum(policy)
-        L.train_method("dpo", policy, sft, tokenizer, args, seed=0, log=log, offline=data)
-        assert (checksum(policy) != start) == moves
-        assert log.records[-1]["pairs"] == (2 if moves else 0) and (log.records[-1]["gc_abs_mean"] > 0) == moves
+    policy = copy.deepcopy(sft).requires_grad_(True)
+    start, after = checksum(policy), []
+    log = ListLog()
+    log.write = lambda record: (log.records.append(record), after.append(checksum(policy)))
+    L.train_method("dpo", policy, sft, tokenizer, L.Args(**{**SMALL, "steps": 2}), seed=0, log=log,
+                   offline=[(PROBLEMS, batch), (PROBLEMS, all_wrong)])
+    assert [r["pairs"] for r in log.records] == [2, 0]
+    assert log.records[0]["gc_abs_mean"] > 0 and log.records[1]["gc_abs_mean"] == 0
+    assert after[0] != start and after[1] == after[0]
 
 
 def test_ppo_pieces_equal_lesson_01s():

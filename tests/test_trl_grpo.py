@@ -60,6 +60,10 @@ def test_script_runs_end_to_end_and_writes_lesson_02s_records(cache_dir, tmp_pat
     our_lines = [json.loads(line) for line in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in trl_lines[:-1]] == [1, 2] and trl_lines[-1]["final"]
     assert [set(line) for line in trl_lines] == [set(line) for line in our_lines]  # plot_curves draws both
+    # the same pi_sft and seed: the same starting table; the verifier's 0/1 reward: mean reward = accuracy
+    assert trl_lines[-1]["before"] == our_lines[-1]["before"] == result["before"]
+    for line in trl_lines[:-1]:
+        assert line["reward"] == pytest.approx(line["accuracy"]), line
 
 
 def test_bad_arguments_are_one_line_errors(capsys, no_model):
