@@ -293,8 +293,115 @@ def take(batch: common.Batch, idx: torch.Tensor) -> common.Batch:
                         [batch.step_ends[i] for i in rows])
 
 
+def ppo_step(policy, value_model, ref_policy, tokenizer, optimizer, value_optimizer, problems: list,
+             args: Args) -> dict:
+    """One pass of PPO: sample from pi_old, the reward of eq. (2), GAE, then ppo_epochs passes of minibatch
+    updates of eq. (1) for pi_theta and of the clipped value loss for V_psi. Returns the step's statistics."""
+    device = next(policy.parameters()).device
+    # pi_old <- pi_theta; sample one output o ~ pi_old(.|q) for each question q
+    batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], 1,
+                          args.temperature, args.max_new_tokens)
+    mask = batch.completion_mask.float()  # [N, T]
+    scores = outcome_scores(problems, batch.texts).to(device)  # [N]: r_phi
+    with torch.no_grad():
+        old_logp = common.token_logprobs(policy, batch, args.temperature)  # [N, T]
+        ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [N, T]
+        old_values, value_time = timed(device, token_values, value_model, batch)  # [N, T]: V(s_t) at sampling time
+    rewards, log_ratio = kl_penalised_rewards(scores, old_logp, ref_logp, mask, args.beta)  # eq. (2)
+    advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)  # [N, T] each
+    advantages = whiten(advantages, mask)
+
+    # several epochs over minibatches of the batch: pi_theta moves away from pi_old, clipped by eq. (1)
+    policy.train()
+    value_model.train()
+    stats = {"policy_loss": [], "clip_frac": [], "approx_kl": [], "value_loss": [], "value_clip_frac": []}
+    N = len(batch)
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(N)
+        for start in range(0, N, args.minibatch_size):
+            idx = order[start:start + args.minibatch_size].to(device)
+            minibatch = take(batch, idx)
+            logp = common.token_logprobs(policy, minibatch, args.temperature)  # [n, T]
+            policy_loss, s = ppo_clipped_surrogate(logp, old_logp[idx], advantages[idx], mask[idx], args.clip_eps)
+            optimizer.zero_grad()
+            policy_loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+            (value_loss, vs, value_grad_norm), seconds = timed(device, value_update, value_model, value_optimizer,
+                                                               minibatch, old_values[idx], returns[idx], mask[idx], args)
+            value_time += seconds
+            for key, v in {**s, **vs, "policy_loss": policy_loss.item(), "value_loss": value_loss.item()}.items():
+                stats[key].append(v)
+    policy.eval()
+    value_model.eval()
+    n_tokens = mask.sum().clamp(min=1)
+    return {"reward": scores.mean().item(), "accuracy": (scores == 1).float().mean().item(),
+            "kl": (log_ratio.sum() / n_tokens).item(),  # mean log(pi_old / pi_ref) per token
+            "kl_per_output": log_ratio.sum(1).mean().item(),
+            "explained_variance": explained_variance(old_values, returns, mask),
+            **{key: sum(v) / len(v) for key, v in stats.items()},
+            "grad_norm": grad_norm.item(), "value_grad_norm": value_grad_norm.item(),
+            "mean_value": ((old_values * mask).sum() / n_tokens).item(),
+            "completion_len": mask.sum(1).mean().item(), "value_time": value_time}
+
+
+def value_update(value_model, value_optimizer, minibatch, old_values, returns, mask, args: Args):
+    """One gradient step of V_psi on the clipped value loss."""
+    values = token_values(value_model, minibatch)  # [n, T]
+    value_loss, vs = clipped_value_loss(values, old_values, returns, mask, args.value_clip)
+    value_optimizer.zero_grad()
+    value_loss.backward()
+    value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
+    value_optimizer.step()
+    return value_loss, vs, value_grad_norm
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv, PRETRAINED)
+    check_args(args)
+    started = time.time()
+    device = common.resolve_device(args.device)
+    common.set_seed(args.seed)
+    out_dir = args.out_dir or f"runs/01_ppo/seed{args.seed}"
+
+    policy, tokenizer = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
+    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the SFT model, frozen
+    value_model = load_value_model(policy.name_or_path, device).eval()  # V_psi, from the SFT model
+    before = common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
+                             args.max_new_tokens)
+    print(common.results_table({"SFT model": before}))
+
+    common.set_seed(args.seed)
+    problems = common.train_problems(args.seed)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    value_optimizer = torch.optim.Adam(value_model.parameters(), lr=args.value_lr)
+    log = common.MetricsLog(out_dir)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    records = []
+    bar = tqdm(range(1, args.steps + 1), desc="PPO")
+    for step in bar:
+        t0 = common.clock(device)
+        stats = ppo_step(policy, value_model, ref_policy, tokenizer, optimizer, value_optimizer,
+                         [next(problems) for _ in range(args.batch_size)], args)
+        records.append({"step": step, **stats, "step_time": common.clock(device) - t0})
+        log.write(records[-1])
+        bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.4f}", vloss=f"{stats['value_loss']:.3f}",
+                        ev=f"{stats['explained_variance']:.2f}", clip=f"{stats['clip_frac']:.3f}")
+    memory = common.peak_memory(device)  # of the training loop alone: read before the evaluation below
+    return report(policy, value_model, ref_policy, tokenizer, optimizer, value_optimizer, before, records, memory,
+                  log, args, out_dir, device, started)
+
+
 # ----------------------------------------------------------------------------------------------------
-# What the critic costs
+# What the lesson prints and records, and what the critic costs
+
+
+def timed(device, fn, *args):
+    """fn(*args) and the seconds it took (the GPU synchronised at both ends)."""
+    t0 = common.clock(device)
+    out = fn(*args)
+    return out, common.clock(device) - t0
 
 
 def model_bytes(model, optimizer=None) -> int:
@@ -319,106 +426,16 @@ def cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer) -> di
     }
 
 
-# ----------------------------------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = common.parse_args(Args, argv, PRETRAINED)
-    check_args(args)
-    started = time.time()
-    device = common.resolve_device(args.device)
-    common.set_seed(args.seed)
-    out_dir = args.out_dir or f"runs/01_ppo/seed{args.seed}"
-
-    policy, tokenizer = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
-    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the SFT model, frozen
-    value_model = load_value_model(policy.name_or_path, device).eval()  # V_psi, from the SFT model
-    evaluate = lambda: common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
-                                       args.temperature, args.max_new_tokens)
-    before = evaluate()
-    print(common.results_table({"SFT model": before}))
-
-    common.set_seed(args.seed)
-    problems = common.train_problems(args.seed)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
-    value_optimizer = torch.optim.Adam(value_model.parameters(), lr=args.value_lr)
-    log = common.MetricsLog(out_dir)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    step_times, value_times = [], []
-    bar = tqdm(range(1, args.steps + 1), desc="PPO")
-    for step in bar:
-        t0 = common.clock(device)
-        batch_problems = [next(problems) for _ in range(args.batch_size)]
-        # pi_old <- pi_theta; sample one output o ~ pi_old(.|q) for each question q
-        batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], 1,
-                              args.temperature, args.max_new_tokens)
-        mask = batch.completion_mask.float()  # [N, T]
-        scores = outcome_scores(batch_problems, batch.texts).to(device)  # [N]: r_phi
-        with torch.no_grad():
-            old_logp = common.token_logprobs(policy, batch, args.temperature)  # [N, T]
-            ref_logp = common.token_logprobs(ref_policy, batch, args.temperature)  # [N, T]
-            tv = common.clock(device)
-            old_values = token_values(value_model, batch)  # [N, T]: V(s_t) at sampling time
-            value_time = common.clock(device) - tv
-        rewards, log_ratio = kl_penalised_rewards(scores, old_logp, ref_logp, mask, args.beta)  # eq. (2)
-        advantages, returns = gae(rewards, old_values, mask, args.gamma, args.lam)  # [N, T] each
-        advantages = whiten(advantages, mask)
-
-        # several epochs over minibatches of the batch: pi_theta moves away from pi_old, clipped by eq. (1)
-        policy.train()
-        value_model.train()
-        stats = {"policy_loss": [], "clip_frac": [], "approx_kl": [], "value_loss": [], "value_clip_frac": []}
-        N = len(batch)
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(N)
-            for start in range(0, N, args.minibatch_size):
-                idx = order[start:start + args.minibatch_size].to(device)
-                minibatch = take(batch, idx)
-                logp = common.token_logprobs(policy, minibatch, args.temperature)  # [n, T]
-                policy_loss, s = ppo_clipped_surrogate(logp, old_logp[idx], advantages[idx], mask[idx], args.clip_eps)
-                optimizer.zero_grad()
-                policy_loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                optimizer.step()
-
-                tv = common.clock(device)
-                values = token_values(value_model, minibatch)  # [n, T]
-                value_loss, vs = clipped_value_loss(values, old_values[idx], returns[idx], mask[idx], args.value_clip)
-                value_optimizer.zero_grad()
-                value_loss.backward()
-                value_grad_norm = torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
-                value_optimizer.step()
-                value_time += common.clock(device) - tv
-                for key, v in {**s, **vs, "policy_loss": policy_loss.item(), "value_loss": value_loss.item()}.items():
-                    stats[key].append(v)
-        policy.eval()
-        value_model.eval()
-
-        step_times.append(common.clock(device) - t0)
-        value_times.append(value_time)
-        n_tokens = mask.sum().clamp(min=1)
-        record = {"step": step, "reward": scores.mean().item(), "accuracy": (scores == 1).float().mean().item(),
-                  "kl": (log_ratio.sum() / n_tokens).item(),  # mean log(pi_old / pi_ref) per token
-                  "kl_per_output": log_ratio.sum(1).mean().item(),
-                  "explained_variance": explained_variance(old_values, returns, mask),
-                  **{key: sum(v) / len(v) for key, v in stats.items()},
-                  "grad_norm": grad_norm.item(), "value_grad_norm": value_grad_norm.item(),
-                  "mean_value": ((old_values * mask).sum() / n_tokens).item(),
-                  "completion_len": mask.sum(1).mean().item(),
-                  "step_time": step_times[-1], "value_time": value_time}
-        log.write(record)
-        bar.set_postfix(reward=f"{record['reward']:.2f}", kl=f"{record['kl']:.4f}",
-                        vloss=f"{record['value_loss']:.3f}", ev=f"{record['explained_variance']:.2f}",
-                        clip=f"{record['clip_frac']:.3f}")
-    memory = common.peak_memory(device)  # of the training loop alone: read before the evaluation below
-
-    after = evaluate()
+def report(policy, value_model, ref_policy, tokenizer, optimizer, value_optimizer, before, records, memory, log,
+           args, out_dir, device, started) -> dict:
+    after = common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
+                            args.max_new_tokens)
     policy.save_pretrained(f"{out_dir}/model")
     tokenizer.save_pretrained(f"{out_dir}/model")
     value_model.save_pretrained(f"{out_dir}/value_model")
     cost = cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer)
-    mean_step, mean_value = sum(step_times) / len(step_times), sum(value_times) / len(value_times)
+    mean_step = sum(r["step_time"] for r in records) / len(records)
+    mean_value = sum(r["value_time"] for r in records) / len(records)
     log.write({"final": True, "before": before, "after": after, "cost": cost, "memory": memory,
                "mean_step_time": mean_step, "mean_value_time": mean_value, "wall_time": time.time() - started})
     print(f"\nPPO, {args.steps} steps of {args.batch_size} questions x 1 output, {args.ppo_epochs} epochs of "

@@ -322,8 +322,107 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta:
     return -objective, stats
 
 
+def grpo_step(policy, ref_policy, reward_model, tokenizer, optimizer, problems: list, args: Args):
+    """Lines 6-10, lesson 02's grpo_step with r_phi's reward: sample a group per question from pi_old,
+    reward each output with r_phi, then mu updates of eq. (3). Returns the step's statistics and the
+    outputs labelled by the verifier (r_phi's next training data; the update never sees the labels)."""
+    G = args.group_size
+    # line 6: pi_old <- pi_theta, the policy as it is now: it samples, and its log-probs before the update are old_logp
+    batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], G,
+                          args.temperature, args.max_new_tokens)  # line 7
+    rewards = rm_rewards(reward_model, batch)  # line 8: r_i from r_phi, never the verifier  # [B*G]
+    advantages = grpo_outcome_advantages(rewards, G, args.scale_rewards == "group")  # line 9  # [B*G]
+    token_advantages = advantages[:, None].expand_as(batch.completion_mask)  # [B*G, T]: A_{i,t} = r~_i
+    with torch.no_grad():
+        ref_logp = common.token_logprobs_by_length(ref_policy, batch, args.temperature)  # [B*G, T]
+    policy.train()
+    for grpo_iteration in range(args.mu):  # line 10
+        logp = common.token_logprobs_by_length(policy, batch, args.temperature)  # [B*G, T]
+        if grpo_iteration == 0:  # pi_old is pi_theta before its first update: its log-probs, detached
+            old_logp = logp.detach()  # [B*G, T]
+        loss, stats = grpo_loss(logp, old_logp, ref_logp, token_advantages, batch.completion_mask,
+                                args.clip_eps, args.beta)
+        optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+        optimizer.step()
+    policy.eval()
+    correct = verifier_labels(problems, batch.texts, G)  # for the logs and r_phi's next training set only
+    return {"rm_reward": rewards.mean().item(), "accuracy": sum(correct) / len(correct),
+            "kl": stats["kl"], "clip_frac": stats["clip_frac"], "loss": loss.item(),
+            "grad_norm": grad_norm.item(), "adv_abs": advantages.abs().mean().item(),
+            "zero_adv_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
+            "completion_len": batch.completion_mask.sum(1).float().mean().item()}, examples_from_batch(batch, correct)
+
+
+def verifier_labels(problems: list, texts: list, group_size: int) -> list:
+    """The verifier's grade of output i (True when its final answer is right): r_phi's training labels."""
+    return [common.verify(problems[i // group_size], t)["correct"] for i, t in enumerate(texts)]
+
+
+@torch.no_grad()
+def sample_labelled(policy, tokenizer, problems: list, args: Args) -> list:
+    """G outputs of the policy per question, as r_phi's training examples with the verifier's labels."""
+    batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], args.group_size,
+                          args.temperature, args.max_new_tokens)
+    return examples_from_batch(batch, verifier_labels(problems, batch.texts, args.group_size))
+
+
+def main(argv=None):
+    args = common.parse_args(Args, argv, PRETRAINED)
+    check_args(args)
+    started = time.time()
+    device = common.resolve_device(args.device)
+    common.set_seed(args.seed)
+    mode = "frozen" if args.frozen_rm else "iterative"
+    out_dir = args.out_dir or f"runs/04_iterative_grpo/{mode}-seed{args.seed}"
+    policy, tokenizer = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
+    before = common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
+                             args.max_new_tokens)
+    print(common.results_table({"SFT model": before}))
+
+    common.set_seed(args.seed)
+    rng = random.Random(args.seed)  # draws r_phi's training batches
+    problems = common.train_problems(args.seed)
+    watch = Watch(tokenizer, args, out_dir, device)
+    # r_phi's first training set: outputs of the SFT model, labelled by the verifier
+    reward_model = load_reward_model(policy, device)
+    rm_optimizer = torch.optim.Adam(reward_model.parameters(), lr=args.rm_lr)
+    history = sample_labelled(policy, tokenizer, [next(problems) for _ in range(args.rm_init_questions)], args)
+    rm_losses = train_reward_model(reward_model, rm_optimizer, history, [], args.rm_init_steps, args.rm_batch_size,
+                                   args.replay_fraction, rng, tokenizer.pad_token_id, args.max_grad_norm)
+    watch.first_reward_model(policy, reward_model, history, rm_losses, before)
+
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps)))
+    ref_policy = None
+    # line 1: pi_theta <- pi_init, the SFT model loaded above
+    for iteration in range(1, args.iterations + 1):  # line 2
+        if ref_policy is None or not args.frozen_rm:
+            ref_policy = reset_reference(policy)  # line 3: pi_ref <- pi_theta (frozen mode: pi_sft, once)
+        new_data = []
+        bar = tqdm(range(1, args.steps + 1), desc=f"GRPO iteration {iteration}/{args.iterations} ({mode} r_phi)")
+        for step in bar:  # line 4
+            t0 = common.clock(device)
+            batch_problems = [next(problems) for _ in range(args.batch_size)]  # line 5
+            stats, labelled = grpo_step(policy, ref_policy, reward_model, tokenizer, optimizer, batch_problems,
+                                        args)  # lines 6-10
+            warmup.step()
+            new_data += labelled
+            watch.step(bar, iteration, step, stats, common.clock(device) - t0)
+        rm_before = watch.reward_model_on_fresh_samples(policy, reward_model)  # r_phi facing the policy it now has
+        rm_losses = []
+        if not args.frozen_rm:  # line 11: continuous training on this iteration's samples, replaying history
+            rm_losses = train_reward_model(reward_model, rm_optimizer, new_data, history, args.rm_steps,
+                                           args.rm_batch_size, args.replay_fraction, rng, tokenizer.pad_token_id,
+                                           args.max_grad_norm)
+            history += new_data
+        watch.iteration(policy, reward_model, iteration, rm_before, rm_losses, len(new_data), len(history))
+    return watch.final(policy, reward_model, before, mode, started)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Watching r_phi
+# What the lesson logs and prints: r_phi watched on fresh samples of held-out questions
 
 
 @torch.no_grad()
@@ -331,9 +430,8 @@ def probe(policy, tokenizer, problems: list, args: Args) -> dict:
     """Fresh samples of the current policy on held-out questions: what r_phi says and what is true."""
     batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], args.group_size,
                           args.temperature, args.max_new_tokens)
-    labels = torch.tensor([float(common.verify(problems[i // args.group_size], t)["correct"])
-                           for i, t in enumerate(batch.texts)])
-    return {"batch": batch, "labels": labels}
+    return {"batch": batch, "labels": torch.tensor([float(c) for c in verifier_labels(problems, batch.texts,
+                                                                                    args.group_size)])}
 
 
 @torch.no_grad()
@@ -348,144 +446,80 @@ def rm_agreement(reward_model, sampled: dict) -> dict:
             "rm_false_pos": (scores[wrong] > 0.5).float().mean().item() if wrong.any() else 0.0}
 
 
-def main(argv=None):
-    args = common.parse_args(Args, argv, PRETRAINED)
-    check_args(args)
-    started = time.time()
-    device = common.resolve_device(args.device)
-    common.set_seed(args.seed)
-    mode = "frozen" if args.frozen_rm else "iterative"
-    out_dir = args.out_dir or f"runs/04_iterative_grpo/{mode}-seed{args.seed}"
+class Watch:
+    """metrics.jsonl, the progress bar and the printed tables, in one place."""
 
-    policy, tokenizer = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
-    pad_id = tokenizer.pad_token_id
-    evaluate = lambda: common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
-                                       args.temperature, args.max_new_tokens)
-    before = evaluate()
-    print(common.results_table({"SFT model": before}))
+    def __init__(self, tokenizer, args: Args, out_dir: str, device):
+        self.tokenizer, self.args, self.out_dir, self.device = tokenizer, args, out_dir, device
+        self.log = common.MetricsLog(out_dir)
+        self.probe_problems = common.make_split("test", args.rm_eval_questions)
+        self.iterations, self.sampled = [], None
 
-    common.set_seed(args.seed)
-    rng = random.Random(args.seed)  # draws r_phi's training batches
-    problems = common.train_problems(args.seed)
-    probe_problems = common.make_split("test", args.rm_eval_questions)
-    G = args.group_size
-    log = common.MetricsLog(out_dir)
+    def reward_model_on_fresh_samples(self, policy, reward_model) -> dict:
+        self.sampled = probe(policy, self.tokenizer, self.probe_problems, self.args)
+        return rm_agreement(reward_model, self.sampled)
 
-    # r_phi's first training set: outputs of the SFT model, labelled by the verifier
-    reward_model = load_reward_model(policy, device)
-    rm_optimizer = torch.optim.Adam(reward_model.parameters(), lr=args.rm_lr)
-    sft_problems = [next(problems) for _ in range(args.rm_init_questions)]
-    sft_batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in sft_problems], G,
-                              args.temperature, args.max_new_tokens)
-    history = examples_from_batch(sft_batch, [common.verify(sft_problems[i // G], t)["correct"]
-                                              for i, t in enumerate(sft_batch.texts)])
-    rm_losses = train_reward_model(reward_model, rm_optimizer, history, [], args.rm_init_steps,
-                                   args.rm_batch_size, args.replay_fraction, rng, pad_id, args.max_grad_norm)
-    sampled = probe(policy, tokenizer, probe_problems, args)
-    rm_now = rm_agreement(reward_model, sampled)
-    first = {"iteration": 0, "after_iteration": 0, "policy_updates": 0, "true_acc": sampled["labels"].mean().item(),
-             "test_greedy": before["test_greedy"], "rm_acc_before": rm_now["rm_acc"], "rm_acc_after": rm_now["rm_acc"],
-             "rm_reward": rm_now["rm_reward"], "rm_false_pos": rm_now["rm_false_pos"],
-             "rm_loss_first": rm_losses[0] if rm_losses else None, "rm_loss_last": rm_losses[-1] if rm_losses else None,
-             "rm_train_size": len(history), "sft_sample_acc": sum(e["label"] for e in history) / len(history)}
-    log.write(first)
-    iterations = [first]
-    print(f"r_phi trained on {len(history)} SFT samples: accuracy {rm_now['rm_acc']:.3f} on fresh SFT samples "
-          f"(true accuracy {first['true_acc']:.3f}, mean reward {rm_now['rm_reward']:.3f})")
+    def first_reward_model(self, policy, reward_model, history, rm_losses, before):
+        rm_now = self.reward_model_on_fresh_samples(policy, reward_model)
+        first = {"iteration": 0, "after_iteration": 0, "policy_updates": 0,
+                 "true_acc": self.sampled["labels"].mean().item(), "test_greedy": before["test_greedy"],
+                 "rm_acc_before": rm_now["rm_acc"], "rm_acc_after": rm_now["rm_acc"], "rm_reward": rm_now["rm_reward"],
+                 "rm_false_pos": rm_now["rm_false_pos"], "rm_loss_first": rm_losses[0] if rm_losses else None,
+                 "rm_loss_last": rm_losses[-1] if rm_losses else None, "rm_train_size": len(history),
+                 "sft_sample_acc": sum(e["label"] for e in history) / len(history)}
+        self.log.write(first)
+        self.iterations.append(first)
+        print(f"r_phi trained on {len(history)} SFT samples: accuracy {rm_now['rm_acc']:.3f} on fresh SFT samples "
+              f"(true accuracy {first['true_acc']:.3f}, mean reward {rm_now['rm_reward']:.3f})")
 
-    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps)))
-    policy_updates = 0
-    ref_policy = None
-    # line 1: pi_theta <- pi_init, the SFT model loaded above
-    for iteration in range(1, args.iterations + 1):  # line 2
-        if ref_policy is None or not args.frozen_rm:
-            ref_policy = reset_reference(policy)  # line 3: pi_ref <- pi_theta (frozen mode: pi_sft, once)
-        new_data = []
-        bar = tqdm(range(1, args.steps + 1), desc=f"GRPO iteration {iteration}/{args.iterations} ({mode} r_phi)")
-        for step in bar:  # line 4
-            t0 = common.clock(device)
-            batch_problems = [next(problems) for _ in range(args.batch_size)]  # line 5
-            # line 6: pi_old <- pi_theta. pi_old is the policy as it is now: it samples (line 7) and its
-            # log-probs are taken once, before the update, as old_logp.
-            batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], G,
-                                  args.temperature, args.max_new_tokens)  # line 7
-            rewards = rm_rewards(reward_model, batch)  # line 8: r_i from r_phi, never the verifier  # [B*G]
-            advantages = grpo_outcome_advantages(rewards, G, args.scale_rewards == "group")  # line 9  # [B*G]
-            token_advantages = advantages[:, None].expand_as(batch.completion_mask)  # [B*G, T]: A_{i,t} = r~_i
-            # The verifier grades the outputs only to log the true accuracy and to label r_phi's next training set.
-            correct = [common.verify(batch_problems[i // G], t)["correct"] for i, t in enumerate(batch.texts)]
-            new_data += examples_from_batch(batch, correct)
-            with torch.no_grad():
-                ref_logp = common.token_logprobs_by_length(ref_policy, batch, args.temperature)  # [B*G, T]
-            policy.train()
-            for grpo_iteration in range(args.mu):  # line 10
-                logp = common.token_logprobs_by_length(policy, batch, args.temperature)  # [B*G, T]
-                if grpo_iteration == 0:  # pi_old is pi_theta before its first update: its log-probs, detached
-                    old_logp = logp.detach()  # [B*G, T]
-                loss, stats = grpo_loss(logp, old_logp, ref_logp, token_advantages, batch.completion_mask,
-                                        args.clip_eps, args.beta)
-                optimizer.zero_grad()
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                optimizer.step()
-                policy_updates += 1
-            warmup.step()
-            policy.eval()
+    def step(self, bar, iteration: int, step: int, stats: dict, step_time: float):
+        policy_updates = ((iteration - 1) * self.args.steps + step) * self.args.mu
+        record = {"iteration": iteration, "step": step, "policy_updates": policy_updates, **stats,
+                  "step_time": step_time}
+        self.log.write(record)
+        bar.set_postfix(rm_reward=f"{record['rm_reward']:.2f}", acc=f"{record['accuracy']:.2f}",
+                        kl=f"{record['kl']:.4f}", clip=f"{record['clip_frac']:.3f}")
 
-            record = {"iteration": iteration, "step": step, "policy_updates": policy_updates,
-                      "rm_reward": rewards.mean().item(), "accuracy": sum(correct) / len(correct),
-                      "kl": stats["kl"], "clip_frac": stats["clip_frac"], "loss": loss.item(),
-                      "grad_norm": grad_norm.item(), "adv_abs": advantages.abs().mean().item(),
-                      "zero_adv_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
-                      "completion_len": batch.completion_mask.sum(1).float().mean().item(),
-                      "step_time": common.clock(device) - t0}
-            log.write(record)
-            bar.set_postfix(rm_reward=f"{record['rm_reward']:.2f}", acc=f"{record['accuracy']:.2f}",
-                            kl=f"{record['kl']:.4f}", clip=f"{record['clip_frac']:.3f}")
-
-        # r_phi on fresh samples of the policy it now faces, before and after line 11
-        sampled = probe(policy, tokenizer, probe_problems, args)
-        rm_before = rm_agreement(reward_model, sampled)
-        rm_losses = []
-        if not args.frozen_rm:
-            # line 11: continuous training on this iteration's samples, replaying historical data
-            rm_losses = train_reward_model(reward_model, rm_optimizer, new_data, history, args.rm_steps,
-                                           args.rm_batch_size, args.replay_fraction, rng, pad_id, args.max_grad_norm)
-            history += new_data
-        rm_after = rm_agreement(reward_model, sampled)
-        test_greedy = common.evaluate(policy, tokenizer, args.eval_test, 0, 0, args.temperature,
+    def iteration(self, policy, reward_model, iteration, rm_before, rm_losses, new_size, history_size):
+        args = self.args
+        rm_after = rm_agreement(reward_model, self.sampled)  # the same samples, after line 11
+        test_greedy = common.evaluate(policy, self.tokenizer, args.eval_test, 0, 0, args.temperature,
                                       args.max_new_tokens)["test_greedy"]
-        record = {"iteration": iteration, "after_iteration": iteration, "policy_updates": policy_updates, "true_acc": sampled["labels"].mean().item(),
+        record = {"iteration": iteration, "after_iteration": iteration,
+                  "policy_updates": iteration * args.steps * args.mu, "true_acc": self.sampled["labels"].mean().item(),
                   "test_greedy": test_greedy, "rm_acc_before": rm_before["rm_acc"], "rm_acc_after": rm_after["rm_acc"],
                   "rm_reward": rm_before["rm_reward"], "rm_false_pos": rm_before["rm_false_pos"],
                   "rm_loss_first": rm_losses[0] if rm_losses else None,
                   "rm_loss_last": rm_losses[-1] if rm_losses else None,
-                  "rm_train_size": len(new_data) if not args.frozen_rm else 0, "history_size": len(history)}
-        log.write(record)
-        iterations.append(record)
+                  "rm_train_size": new_size if not args.frozen_rm else 0, "history_size": history_size}
+        self.log.write(record)
+        self.iterations.append(record)
         print(f"iteration {iteration}: true accuracy {record['true_acc']:.3f}, r_phi mean reward "
               f"{record['rm_reward']:.3f}, r_phi accuracy {record['rm_acc_before']:.3f} -> {record['rm_acc_after']:.3f}, "
               f"greedy test {test_greedy:.3f}")
 
-    memory = common.peak_memory(device)  # policy, pi_ref and r_phi, sampling and both trainings
-    after = evaluate()
-    policy.save_pretrained(f"{out_dir}/model")
-    tokenizer.save_pretrained(f"{out_dir}/model")
-    reward_model.save_pretrained(f"{out_dir}/reward_model")
-    log.write({"final": True, "before": before, "after": after, "memory": memory, "wall_time": time.time() - started})
-    print(f"\nIterative GRPO ({mode} r_phi), {args.iterations} iterations x {args.steps} steps of "
-          f"{args.batch_size} questions x G={G} on {device}, {time.time() - started:.0f}s")
-    print(common.results_table({"SFT model": before, f"after GRPO ({mode} r_phi)": after}))
-    print("\nPer iteration, on fresh samples of the policy for held-out questions (temperature "
-          f"{args.temperature}):\n")
-    print(common.results_table({f"iteration {r['iteration']}": {
-        "policy updates": r["policy_updates"], "true accuracy": r["true_acc"], "r_phi mean reward": r["rm_reward"],
-        "r_phi acc before": r["rm_acc_before"], "r_phi acc after": r["rm_acc_after"],
-        "greedy test": r["test_greedy"]} for r in iterations}))
-    print(memory)
-    return {"before": before, "after": after, "iterations": iterations, "out_dir": out_dir, "mode": mode,
-            "memory": memory}
+    def final(self, policy, reward_model, before, mode, started) -> dict:
+        args, out_dir = self.args, self.out_dir
+        memory = common.peak_memory(self.device)  # policy, pi_ref and r_phi, sampling and both trainings
+        after = common.evaluate(policy, self.tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
+                                args.max_new_tokens)
+        policy.save_pretrained(f"{out_dir}/model")
+        self.tokenizer.save_pretrained(f"{out_dir}/model")
+        reward_model.save_pretrained(f"{out_dir}/reward_model")
+        self.log.write({"final": True, "before": before, "after": after, "memory": memory,
+                        "wall_time": time.time() - started})
+        print(f"\nIterative GRPO ({mode} r_phi), {args.iterations} iterations x {args.steps} steps of "
+              f"{args.batch_size} questions x G={args.group_size} on {self.device}, {time.time() - started:.0f}s")
+        print(common.results_table({"SFT model": before, f"after GRPO ({mode} r_phi)": after}))
+        print("\nPer iteration, on fresh samples of the policy for held-out questions (temperature "
+              f"{args.temperature}):\n")
+        print(common.results_table({f"iteration {r['iteration']}": {
+            "policy updates": r["policy_updates"], "true accuracy": r["true_acc"], "r_phi mean reward": r["rm_reward"],
+            "r_phi acc before": r["rm_acc_before"], "r_phi acc after": r["rm_acc_after"],
+            "greedy test": r["test_greedy"]} for r in self.iterations}))
+        print(memory)
+        return {"before": before, "after": after, "iterations": self.iterations, "out_dir": out_dir, "mode": mode,
+                "memory": memory}
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -224,10 +225,12 @@ def gc_dpo(logp, ref_logp, mask, n_pairs, beta):
 
 
 def gc_ppo(advantages, mask):
+    """PPO's GC: the gradient of eq. (1) at pi_old = pi_theta (the clip is inactive there) is A_t."""
     return advantages * mask  # PPO: GC = A_t
 
 
 def gc_grpo(advantages, logp, ref_logp, mask, beta):
+    """GRPO's GC: the gradient of eq. (3) with eq. (4)'s KL at pi_old = pi_theta."""
     return (advantages + beta * (torch.exp(ref_logp - logp.detach()) - 1)) * mask  # GRPO: A + beta*(pi_ref/pi - 1)
 
 
@@ -416,107 +419,177 @@ def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, off
     data, sampled from pi_sft before training. Returns the method's costs.
     """
     device = next(policy.parameters()).device
-    name = METHODS[method][0]
-    G, B = args.group_size, args.batch_size
     common.set_seed(seed)
-    problems = common.train_problems(seed)  # the same questions, in the same order, for every method
+    run = SimpleNamespace(method=method, policy=policy, sft_model=sft_model, tokenizer=tokenizer, args=args,
+                          device=device, offline=offline,
+                          problems=common.train_problems(seed))  # the same questions, in the same order, for every method
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
-    models = [policy]
-    if method in ("dpo", "ppo", "grpo_os", "grpo_ps"):
-        models.append(sft_model)  # pi_ref
+    models = [policy] + ([sft_model] if method in ("dpo", "ppo", "grpo_os", "grpo_ps") else [])  # + pi_ref
     if method == "ppo":
-        value_model = ValueModel(policy).to(device)
-        value_optimizer = torch.optim.Adam(value_model.parameters(), lr=args.value_lr)
-        models.append(value_model)
-    step_times, peak_gpu = [], 0  # peak GPU memory of the updates alone, not of the accuracy checks between them
-    style = random.Random(seed)  # SFT's draws of worked vs answer-only demonstrations
-    if log is not None and args.eval_every:
-        log.write({"method": name, "step": 0, "test_greedy": quick_test_accuracy(policy, tokenizer, args.eval_curve,
-                                                                                 args.max_new_tokens)})
-    bar = tqdm(range(1, args.steps + 1), desc=f"{name} seed {seed}", leave=False)
-    for step in bar:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = common.clock(device)
-        stats = {}
-        n_samples = None
-        # 1. the data source
-        if method == "sft":
-            batch = demonstrations(tokenizer, [next(problems) for _ in range(B * G)], device, style)
-        elif method in ("rft", "dpo"):
-            batch_problems, batch = offline[step - 1]  # sampled from pi_sft before training, never again
-        else:
-            batch_problems = [next(problems) for _ in range(B)]
-            batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], G,
-                                  args.temperature, args.max_new_tokens)  # o ~ pi_theta: online
-        if method != "sft":
-            correct = outcome_rewards(batch_problems, batch.texts, G).to(device)  # [B*G] I(o), the rule reward
-            stats["reward"] = correct.mean().item()
-        if method == "dpo":
-            chosen, rejected = dpo_pairs(batch_problems, batch, G)
-            stats["pairs"] = len(chosen)
-            if chosen:
-                batch, n_samples = select(batch, chosen + rejected), len(chosen)
-
-        # 2. the gradient coefficient, from the data and the reward
-        policy.train()
-        logp = common.token_logprobs(policy, batch, args.temperature)  # [N, T], with grad
-        mask = batch.completion_mask
-        if method in ("dpo", "ppo", "grpo_os", "grpo_ps"):
-            with torch.no_grad():
-                ref_logp = common.token_logprobs(sft_model, batch, args.temperature)  # [N, T]
-            stats["kl"] = (((logp.detach() - ref_logp) * mask).sum() / mask.sum().clamp(min=1)).item()  # KL[pi||pi_ref] estimate
-        if method == "sft":
-            gc = gc_sft(mask)
-        elif method in ("rft", "online_rft"):
-            gc = gc_rft(correct, mask)
-        elif method == "dpo":  # no pair (no question with a right and a wrong output): GC = 0, no update
-            gc = gc_dpo(logp, ref_logp, mask, n_samples, args.dpo_beta) if n_samples else torch.zeros_like(logp)
-        elif method == "ppo":
-            values = value_model(batch)  # [N, T]
-            token_rewards = ppo_token_rewards(correct, logp.detach(), ref_logp, mask, args.beta)
-            advantages, returns = gae(token_rewards, values.detach(), mask, args.gamma, args.lam)
-            gc = gc_ppo(whiten(advantages, mask), mask)
-            value_loss = 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum()
-            value_optimizer.zero_grad()
-            value_loss.backward()
-            torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
-            value_optimizer.step()
-            stats["value_loss"] = value_loss.item()
-        elif method == "grpo_os":
-            advantages = grpo_outcome_advantages(correct, G)[:, None] * mask  # [B*G, T]
-            gc = gc_grpo(advantages, logp, ref_logp, mask, args.beta)
-        elif method == "grpo_ps":
-            advantages = grpo_process_advantages(batch_problems, batch, G)  # [B*G, T]
-            gc = gc_grpo(advantages, logp, ref_logp, mask, args.beta)
-
+        run.value_model = ValueModel(policy).to(device)
+        run.value_optimizer = torch.optim.Adam(run.value_model.parameters(), lr=args.value_lr)
+        models.append(run.value_model)
+    run.style = random.Random(seed)  # SFT's draws of worked vs answer-only demonstrations
+    meter = Meter(METHODS[method][0], policy, tokenizer, args, device, log)
+    for step in meter.bar(seed):
+        meter.start()
+        # 1. the data source and the reward, 2. the gradient coefficient: the method's own function
+        batch, logp, gc, n_samples, stats = DATA_AND_GC[method](run, step)
         # 3. the one update, eq. (5)
-        loss = unified_loss(logp, mask, gc, n_samples, args.normaliser, args.max_new_tokens)
+        loss = unified_loss(logp, batch.completion_mask, gc, n_samples, args.normaliser, args.max_new_tokens)
         optimizer.zero_grad()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        if not (method == "dpo" and not n_samples):
+        if stats.get("pairs", 1):  # DPO with no pair has GC = 0: no update (Adam's momentum would still move it)
             optimizer.step()
         policy.eval()
-        step_times.append(common.clock(device) - t0)  # sampling, forward, backward and the optimizer step
-        if device.type == "cuda":
-            peak_gpu = max(peak_gpu, torch.cuda.max_memory_allocated(device))
+        meter.step(step, stats, loss, grad_norm, gc, batch.completion_mask)
+    return meter.costs(models)
 
-        record = {"method": name, "step": step, **stats, "loss": loss.item(), "grad_norm": grad_norm.item(),
+
+# ----------------------------------------------------------------------------------------------------
+# Each method's data source, reward and GC for one update, beside one another. Each returns
+# (batch, logp, gc, n_samples, stats): the outputs, log pi_theta of their tokens (with grad), GC [N, T],
+# how many draws of the data source they are (None: one per output) and what to log.
+
+
+def log_pi(run, batch):
+    run.policy.train()
+    return common.token_logprobs(run.policy, batch, run.args.temperature)  # [N, T], with grad
+
+
+def ref_log_pi(run, batch, logp, stats):
+    """log pi_ref of the same tokens (pi_ref = pi_sft, frozen), and the KL[pi || pi_ref] estimate to log."""
+    with torch.no_grad():
+        ref_logp = common.token_logprobs(run.sft_model, batch, run.args.temperature)  # [N, T]
+    mask = batch.completion_mask
+    stats["kl"] = (((logp.detach() - ref_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
+    return ref_logp
+
+
+def online_batch(run):
+    """q ~ P_sft(Q), o ~ pi_theta(O|q): B questions, G outputs each, from the policy being trained."""
+    problems = [next(run.problems) for _ in range(run.args.batch_size)]
+    return problems, common.sample(run.policy, run.tokenizer, [common.prompt_text(p) for p in problems],
+                                   run.args.group_size, run.args.temperature, run.args.max_new_tokens)
+
+
+def rule_reward(run, problems, batch, stats):
+    correct = outcome_rewards(problems, batch.texts, run.args.group_size).to(run.device)  # [B*G] I(o)
+    stats["reward"] = correct.mean().item()
+    return correct
+
+
+def sft_data_and_gc(run, step):
+    """SFT: demonstrations from P_sft, no reward, GC = 1."""
+    B, G = run.args.batch_size, run.args.group_size
+    batch = demonstrations(run.tokenizer, [next(run.problems) for _ in range(B * G)], run.device, run.style)
+    return batch, log_pi(run, batch), gc_sft(batch.completion_mask), None, {}
+
+
+def rft_data_and_gc(run, step):
+    """RFT: samples of pi_sft drawn once before training (offline); Online RFT: of pi_theta. GC = I(o)."""
+    stats = {}
+    problems, batch = run.offline[step - 1] if run.method == "rft" else online_batch(run)
+    correct = rule_reward(run, problems, batch, stats)
+    return batch, log_pi(run, batch), gc_rft(correct, batch.completion_mask), None, stats
+
+
+def dpo_data_and_gc(run, step):
+    """DPO: pi_sft's offline samples, each question's right outputs paired with its wrong ones."""
+    stats = {}
+    problems, batch = run.offline[step - 1]
+    rule_reward(run, problems, batch, stats)
+    chosen, rejected = dpo_pairs(problems, batch, run.args.group_size)
+    stats["pairs"] = n_pairs = len(chosen)
+    if n_pairs:
+        batch = select(batch, chosen + rejected)
+    logp = log_pi(run, batch)
+    ref_logp = ref_log_pi(run, batch, logp, stats)
+    mask = batch.completion_mask  # no pair (no question with a right and a wrong output): GC = 0, no update
+    gc = gc_dpo(logp, ref_logp, mask, n_pairs, run.args.dpo_beta) if n_pairs else torch.zeros_like(logp)
+    return batch, logp, gc, n_pairs or None, stats
+
+
+def ppo_data_and_gc(run, step):
+    """PPO: online samples; eq. (2)'s KL-penalised reward, GAE with V_psi (updated here), whitened."""
+    stats, args = {}, run.args
+    problems, batch = online_batch(run)
+    correct = rule_reward(run, problems, batch, stats)
+    logp = log_pi(run, batch)
+    ref_logp = ref_log_pi(run, batch, logp, stats)
+    mask = batch.completion_mask
+    values = run.value_model(batch)  # [N, T]
+    token_rewards = ppo_token_rewards(correct, logp.detach(), ref_logp, mask, args.beta)
+    advantages, returns = gae(token_rewards, values.detach(), mask, args.gamma, args.lam)
+    value_loss = 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum()
+    run.value_optimizer.zero_grad()
+    value_loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.value_model.parameters(), args.max_grad_norm)
+    run.value_optimizer.step()
+    stats["value_loss"] = value_loss.item()
+    return batch, logp, gc_ppo(whiten(advantages, mask), mask), None, stats
+
+
+def grpo_data_and_gc(run, step):
+    """GRPO: G online samples per question; outcome (GRPO+OS) or per-step (GRPO+PS) group advantages."""
+    stats, G = {}, run.args.group_size
+    problems, batch = online_batch(run)
+    correct = rule_reward(run, problems, batch, stats)
+    logp = log_pi(run, batch)
+    ref_logp = ref_log_pi(run, batch, logp, stats)
+    mask = batch.completion_mask
+    if run.method == "grpo_os":
+        advantages = grpo_outcome_advantages(correct, G)[:, None] * mask  # [B*G, T]
+    else:
+        advantages = grpo_process_advantages(problems, batch, G)  # [B*G, T]
+    return batch, logp, gc_grpo(advantages, logp, ref_logp, mask, run.args.beta), None, stats
+
+
+DATA_AND_GC = {"sft": sft_data_and_gc, "rft": rft_data_and_gc, "dpo": dpo_data_and_gc, "online_rft": rft_data_and_gc,
+               "ppo": ppo_data_and_gc, "grpo_os": grpo_data_and_gc, "grpo_ps": grpo_data_and_gc}
+
+
+class Meter:
+    """What train_method logs: per-update records, the learning curve, time and peak GPU memory per update."""
+
+    def __init__(self, name, policy, tokenizer, args, device, log):
+        self.name, self.policy, self.tokenizer, self.args, self.device, self.log = name, policy, tokenizer, args, device, log
+        self.step_times, self.peak_gpu = [], 0  # of the updates alone, not of the accuracy checks between them
+
+    def bar(self, seed):
+        if self.log is not None and self.args.eval_every:
+            self.log.write({"method": self.name, "step": 0, "test_greedy": quick_test_accuracy(
+                self.policy, self.tokenizer, self.args.eval_curve, self.args.max_new_tokens)})
+        self._bar = tqdm(range(1, self.args.steps + 1), desc=f"{self.name} seed {seed}", leave=False)
+        return self._bar
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.t0 = common.clock(self.device)
+
+    def step(self, step, stats, loss, grad_norm, gc, mask):
+        self.step_times.append(common.clock(self.device) - self.t0)  # sampling, forward, backward, optimizer step
+        if self.device.type == "cuda":
+            self.peak_gpu = max(self.peak_gpu, torch.cuda.max_memory_allocated(self.device))
+        args = self.args
+        record = {"method": self.name, "step": step, **stats, "loss": loss.item(), "grad_norm": grad_norm.item(),
                   "gc_abs_mean": ((gc.abs() * mask).sum() / mask.sum().clamp(min=1)).item(),
-                  "completion_len": mask.sum(1).float().mean().item(), "step_time": step_times[-1]}
+                  "completion_len": mask.sum(1).float().mean().item(), "step_time": self.step_times[-1]}
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            record["test_greedy"] = quick_test_accuracy(policy, tokenizer, args.eval_curve, args.max_new_tokens)
-        if log is not None:
-            log.write(record)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("reward", "kl", "loss", "test_greedy")})
+            record["test_greedy"] = quick_test_accuracy(self.policy, self.tokenizer, args.eval_curve, args.max_new_tokens)
+        if self.log is not None:
+            self.log.write(record)
+        self._bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("reward", "kl", "loss", "test_greedy")})
 
-    costs = {"time_per_step": statistics.mean(step_times), "state_mb": state_bytes(models) / 2**20,
-             "trainable_params": sum(p.numel() for m in models for p in m.parameters() if p.requires_grad),
-             "models": "+".join(["policy", "pi_ref", "value"][:len(models)])}
-    if device.type == "cuda":
-        costs["peak_gpu_mb"] = peak_gpu / 2**20
-    return costs
+    def costs(self, models) -> dict:
+        costs = {"time_per_step": statistics.mean(self.step_times), "state_mb": state_bytes(models) / 2**20,
+                 "trainable_params": sum(p.numel() for m in models for p in m.parameters() if p.requires_grad),
+                 "models": "+".join(["policy", "pi_ref", "value"][:len(models)])}
+        if self.device.type == "cuda":
+            costs["peak_gpu_mb"] = self.peak_gpu / 2**20
+        return costs
 
 
 # ----------------------------------------------------------------------------------------------------
