@@ -9,7 +9,7 @@ This is the algorithm GRPO is defined against. PPO needs four models of the same
     V_psi     the value model (the critic): the SFT model with a scalar head on every token, trained
               alongside the policy. It is as large as the policy, and it is what GRPO removes.
 
-Eq. (2), the per-token reward with the KL penalty (the log-ratio is taken at sampling time and is a
+The per-token reward with the KL penalty, eq. (2) (the log-ratio is taken at sampling time and is a
 number, not something to differentiate):
 
     r_t = r_phi(q, o_<=t) - beta * log( pi_theta(o_t | q, o_<t) / pi_ref(o_t | q, o_<t) )
@@ -20,7 +20,7 @@ Generalized Advantage Estimation over the completion tokens, with V(s_{|o|+1}) =
     delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),     A_t = sum_l (gamma*lambda)^l * delta_{t+l}
     returns_t = A_t + V(s_t)                         (the value model's target)
 
-Eq. (1), the clipped surrogate objective, maximised for several epochs over minibatches of each batch:
+The clipped surrogate objective of eq. (1), maximised for several epochs over minibatches of each batch:
 
     J_PPO(theta) = E[ 1/|o| sum_t min( ratio_t A_t, clip(ratio_t, 1-eps, 1+eps) A_t ) ]
     ratio_t = pi_theta(o_t | q, o_<t) / pi_old(o_t | q, o_<t)

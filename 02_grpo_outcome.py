@@ -9,14 +9,14 @@ Outcome supervision: one reward per output, normalised within its group,
 
 (a group whose rewards are all equal carries no signal: its advantages are 0).
 
-Eq. (3), the GRPO objective, maximised for mu iterations on each sampled batch:
+The GRPO objective, eq. (3), maximised for mu iterations on each sampled batch:
 
     J_GRPO(theta) = E[ 1/G sum_i 1/|o_i| sum_t { min( ratio_{i,t} A_{i,t},
                                                       clip(ratio_{i,t}, 1-eps, 1+eps) A_{i,t} )
                                                  - beta * D_KL[pi_theta || pi_ref] } ]
     ratio_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
 
-Eq. (4), the KL estimator ("k3"), unbiased and never negative, in the loss rather than the reward:
+The KL estimator of eq. (4) ("k3"), unbiased and never negative, in the loss rather than the reward:
 
     D_KL[pi_theta || pi_ref] = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1     (per token)
 

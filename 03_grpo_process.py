@@ -31,14 +31,14 @@ output's last token, and every line after the answer line is a wrong step. An em
 len(ops) + 1 wrong steps. (common.verify counts the missing steps.)
 
 The rest is GRPO exactly as in lesson 02, repeated here so that this file reads alone.
-Eq. (3), the GRPO objective, maximised for mu iterations on each sampled batch:
+The GRPO objective, eq. (3), maximised for mu iterations on each sampled batch:
 
     J_GRPO(theta) = E[ 1/G sum_i 1/|o_i| sum_t { min( ratio_{i,t} A_{i,t},
                                                       clip(ratio_{i,t}, 1-eps, 1+eps) A_{i,t} )
                                                  - beta * D_KL[pi_theta || pi_ref] } ]
     ratio_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
 
-Eq. (4), the KL estimator ("k3"), unbiased and never negative, in the loss rather than the reward:
+The KL estimator of eq. (4) ("k3"), unbiased and never negative, in the loss rather than the reward:
 
     D_KL[pi_theta || pi_ref] = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1     (per token)
 

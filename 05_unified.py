@@ -18,8 +18,8 @@ coefficient GC that the algorithm A makes from them:
     * the paper's PPO and GRPO take a reward model's score; here, as for RFT, the rule (the task's exact
       verifier) stands in for it. Lesson 04 trains a reward model.
     lr(o) = 1/|o| sum_t log pi_theta(o_t)/pi_ref(o_t), the per-token-averaged log-ratio of the paper's
-    DPO objective (appendix A.1.4). The GC above is the exact gradient of that objective (eq. 12 of the
-    appendix): one coefficient per output, with beta in front. The paper's table (eq. 14) writes DPO's
+    DPO objective (appendix A.1.4). The GC above is the exact gradient of that objective (eq. (12) of the
+    appendix): one coefficient per output, with beta in front. The paper's table (eq. (14)) writes DPO's
     row per token and without that beta; this file follows the objective, not the row.
 
 So this file has ONE update, `unified_loss`: the loss whose gradient is eq. (5),
@@ -109,7 +109,7 @@ class Args:
     group_size: int = field(default=4, metadata={"help": "outputs per question (G of GRPO); SFT takes "
                                                          "batch_size x group_size demonstrations"})
     lr: float = field(default=5e-5, metadata={"help": "Adam learning rate of the policy, the same for every method"})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient: in GRPO's loss (eq. 3) and PPO's reward (eq. 2)"})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient: in GRPO's loss (eq. (3)) and PPO's reward (eq. (2))"})
     dpo_beta: float = field(default=0.1, metadata={"help": "beta of the DPO loss"})
     value_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of PPO's value model"})
     gamma: float = field(default=1.0, metadata={"help": "PPO discount gamma of GAE"})
@@ -246,7 +246,7 @@ def paradigm_table(methods) -> str:
         code = [s.strip() for s in inspect.getsource(GC_FUNCTIONS[m]).splitlines() if s.strip().startswith("return")]
         lines.append(f"| {name} | {source} | {reward} | `{GC_FUNCTIONS[m].__name__}: {code[-1].split('  #')[0]}` |")
     if "dpo" in methods:
-        lines.append("\nDPO's GC is the exact gradient of the paper's DPO objective (appendix A.1.4, eq. 12): one "
+        lines.append("\nDPO's GC is the exact gradient of the paper's DPO objective (appendix A.1.4, eq. (12)): one "
                      "coefficient per output, from the per-token-averaged log-ratio lr(o), with beta in front; the "
                      "paper's table writes that row per token and without the beta.")
     return "\n".join(lines)
@@ -325,7 +325,7 @@ def ppo_token_rewards(outcome, logp, ref_logp, mask, beta):
 
 
 def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation (eq. 1's A_t), written as the plain backward loop.
+    """Generalised advantage estimation (the A_t of eq. (1)), written as the plain backward loop.
 
     delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),  A_t = delta_t + gamma * lam * A_{t+1}; V after the last token is 0.
     Returns advantages and returns = A_t + V(s_t), both [N, T].

@@ -103,7 +103,7 @@ def main(argv=None):
     args = common.parse_args(lesson_02.Args, argv, lesson_02.PRETRAINED)
     lesson_02.check_args(args)
     if args.kl_estimator != "k3":
-        common.fail(f"--kl_estimator {args.kl_estimator}: TRL's GRPOTrainer has only k3 (eq. 4): drop the flag")
+        common.fail(f"--kl_estimator {args.kl_estimator}: TRL's GRPOTrainer has only k3 (eq. (4)): drop the flag")
     try:
         from transformers import TrainerCallback
         from trl import GRPOTrainer
