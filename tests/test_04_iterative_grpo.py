@@ -286,3 +286,21 @@ def test_main_retrains_r_phi_on_new_data_replaying_the_earlier_history(cache_dir
         assert not any(e is h for e in calls[i]["new"] for h in calls[i]["history"])
     later = [b for b in batches if b[0]]
     assert len(later) == 9 and all(size == 8 and fraction == 0.25 for _, size, fraction in later)
+
+
+def test_pi_old_is_held_across_grpo_iterations(monkeypatch):
+    """--mu 3 in lesson 04's grpo_step (rewards from a scripted r_phi that tells the outputs apart): the three
+    updates on one sampled batch share pi_old's log-probs, those of the first pass before any update."""
+    policy, tokenizer = common.load_policy("tiny", common.SFT_STEPS, "cpu")  # the shipped pi_sft
+    seen, real_loss = [], lesson.grpo_loss
+    monkeypatch.setattr(lesson, "grpo_loss", lambda logp, old_logp, *a: seen.append(
+        (logp.detach().clone(), old_logp.clone())) or real_loss(logp, old_logp, *a))
+    args = common.parse_args(lesson.Args, ["--group_size", "4", "--mu", "3", "--max_new_tokens", "40"])
+    common.set_seed(0)
+    rm = ScriptedRM(row_logits=torch.linspace(-2, 2, 16))  # 4 questions x G=4
+    lesson.grpo_step(policy, lesson.reset_reference(policy), rm, tokenizer, torch.optim.Adam(policy.parameters(), lr=1e-3),
+                     common.make_split("test", 4), args)
+    assert len(seen) == 3
+    (logp0, old0), (logp1, old1), (logp2, old2) = seen
+    assert torch.equal(old0, logp0) and torch.equal(old1, old0) and torch.equal(old2, old0)
+    assert not torch.allclose(logp1, old0, atol=1e-6) and not torch.allclose(logp2, logp1, atol=1e-6)
