@@ -52,7 +52,7 @@ What differs by design (left as TRL does it, and why it does not change the comp
   them from the first real token. Llama's rotary embedding depends only on the distance between two
   positions, so the log-probs are the same up to rounding.
 
-Measured (README, "Lesson 02 through TRL, side by side"; 2-core CPU, 3 seeds): the same accuracy
+Measured (docs/trl_side_by_side.md; 2-core CPU, 3 seeds): the same accuracy
 within seed noise (greedy test 80.0 +- 2.2% here, 80.5 +- 1.5% for lesson 02), and a lesson 02 step
 takes 0.71-0.73x this script's (median of 3 seeds, two sittings; 0.59-0.83x pair by pair).
 """
