@@ -41,6 +41,7 @@ the bytes of their weights and Adam state, the peak GPU memory (peak RSS of the 
 time per step, with the value model's share of it.
 
 Run:  python 01_ppo.py            (python 01_ppo.py --help lists every knob)
+      python 01_ppo.py --model smollm2   (the real model, for a GPU: docs/real_model.md)
 It prints a before/after table (greedy accuracy, Maj@K, Pass@K, OOD accuracy) and the cost table, writes
 runs/01_ppo/seed0/metrics.jsonl and saves the trained policy and value model beside it.
 On a 2-core CPU the value model took 39-41% of every step; greedy test accuracy

@@ -38,6 +38,7 @@ The reward is the task's exact verifier: 1 when the final answer is right, else 
 model and stays frozen.
 
 Run:  python 02_grpo_outcome.py            (python 02_grpo_outcome.py --help lists every knob)
+      python 02_grpo_outcome.py --model smollm2   (the real model, for a GPU: docs/real_model.md)
 It prints a before/after table (greedy accuracy, Maj@K, Pass@K, OOD accuracy), writes
 runs/02_grpo_outcome/seed0/metrics.jsonl and saves the trained model beside it.
 Expect on a 2-core CPU: 73 s for the first run of a fresh clone (idle, 2 threads), and greedy test

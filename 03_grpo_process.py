@@ -53,6 +53,8 @@ Run:  python 03_grpo_process.py                      GRPO with process supervisi
                                                      the same on long chains, where the outcome reward
                                                      is sparse (the OOD split's length, its questions
                                                      held out)
+      python 03_grpo_process.py --model smollm2 --supervision both
+                                                     on the real model, for a GPU (docs/real_model.md)
 (python 03_grpo_process.py --help lists every knob.) The table has greedy accuracy, Maj@K, Pass@K,
 OOD accuracy and the step error of greedy outputs (wrong or missing steps among all steps) on the
 test and OOD splits.

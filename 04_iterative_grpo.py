@@ -58,6 +58,7 @@ Run:  python 04_iterative_grpo.py              (iterative, the paper's Algorithm
       python 04_iterative_grpo.py --frozen_rm  (the same policy updates with r_phi frozen)
       python 04_iterative_grpo.py --iterations 6 --steps 10 --scale_rewards none --eval_ood 0 --k 0
                                                 (the 3-seed comparison; add --frozen_rm)
+      python 04_iterative_grpo.py --model smollm2   (the real model, for a GPU: docs/real_model.md)
 Each prints a before/after table and a table per iteration, and writes
 runs/04_iterative_grpo/<iterative|frozen>-seed<seed>/metrics.jsonl, the policy and r_phi beside it.
 

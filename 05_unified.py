@@ -56,6 +56,7 @@ Run:  python 05_unified.py                        every method, seeds 0,1,2 (doc
       python 05_unified.py --methods rft,online_rft --seeds 0
       python 05_unified.py --seeds 1 & ...            one process per seed, then
       python 05_unified.py --report_only             the tables and findings of all seeds, from the logs
+      python 05_unified.py --model smollm2 --seeds 0   the real model, for a GPU (docs/real_model.md)
 Each seed writes runs/05_unified/seed<seed>/metrics.jsonl: one line per update with a "method" field
 (test_greedy on the lines of the accuracy checks) and one "final" line per method; the report is read
 back from these files.
