@@ -64,38 +64,55 @@ KL_ESTIMATORS = ("k3", "k1", "k2")
 class Args:
     model: str = field(default="tiny", metadata={"help": "'tiny' (built in), 'smollm2' (the course's real model, "
                                                         "SmolLM2-135M-Instruct), a causal LM folder, a .gguf file or a hub id"})
-    sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)"})
-    seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init"})
+    sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
+                                                               "min": 0})
+    seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init", "min": 0,
+                                           "below": 2**32, "must": f"use a seed in 0 .. {2**32 - 1}"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    steps: int = field(default=60, metadata={"help": "sampled batches; each gives mu policy updates"})
-    batch_size: int = field(default=16, metadata={"help": "questions per step"})
-    group_size: int = field(default=8, metadata={"help": "G: outputs sampled per question"})
-    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the policy"})
+    steps: int = field(default=60, metadata={"help": "sampled batches; each gives mu policy updates", "min": 1})
+    batch_size: int = field(default=16, metadata={"help": "questions per step", "min": 1})
+    group_size: int = field(default=8, metadata={"help": "G: outputs sampled per question", "min": 2, "must":
+                                                 "GRPO needs at least 2 outputs per question to form a baseline"})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the policy", "above": 0,
+                                              "must": "the learning rate must be finite and > 0"})
     warmup_steps: int = field(default=20, metadata={"help": "linear learning-rate warm-up: Adam's first "
-                                                            "steps are full-size even when the gradient is noise"})
-    beta: float = field(default=0.04, metadata={"help": "KL coefficient beta of eq. (3)"})
-    clip_eps: float = field(default=0.2, metadata={"help": "clip range epsilon of eq. (3)"})
-    mu: int = field(default=1, metadata={"help": "GRPO iterations per sampled batch (1 in the paper)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)"})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest completion"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    eval_test: int = field(default=200, metadata={"help": "test problems evaluated before and after"})
-    eval_ood: int = field(default=200, metadata={"help": "out-of-distribution (longer) problems evaluated"})
-    k: int = field(default=8, metadata={"help": "K of Maj@K and Pass@K"})
+                                                            "steps are full-size even when the gradient is noise",
+                                                    "min": 0})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient beta of eq. (3)", "min": 0,
+                                                "must": "the KL coefficient must be >= 0"})
+    clip_eps: float = field(default=0.2, metadata={"help": "clip range epsilon of eq. (3)", "min": 0, "below": 1,
+                                                   "must": "the clip range must be in [0, 1)"})
+    mu: int = field(default=1, metadata={"help": "GRPO iterations per sampled batch (1 in the paper)", "min": 1,
+                                         "must": "at least one GRPO iteration per batch"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature (log-probs use the same)", "above": 0,
+        "must": "must be > 0 (samples are drawn, not decoded greedily)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest completion", "min": 1})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping", "above": 0,
+                                                        "must": "the gradient-norm limit must be > 0"})
+    eval_test: int = field(default=200, metadata={"help": "test problems evaluated before and after", "min": 0})
+    eval_ood: int = field(default=200, metadata={"help": "out-of-distribution (longer) problems evaluated", "min": 0})
+    k: int = field(default=8, metadata={"help": "K of Maj@K and Pass@K", "min": 0})
     loss_agg: str = field(default="output", metadata={"help": "how eq. (3) averages tokens: output (1/|o_i| per "
                                                               "output, then the mean: the paper), token (the mean over "
                                                               "all tokens of the batch: DAPO) or constant (the sum over "
-                                                              "an output's tokens / max_new_tokens: Dr. GRPO)"})
+                                                              "an output's tokens / max_new_tokens: Dr. GRPO)",
+                                                      "choices": LOSS_AGGS})
     scale_rewards: str = field(default="group", metadata={"help": "group (divide by the group's std: the paper) or "
-                                                                  "none (r_i - mean(r) only: Dr. GRPO)"})
+                                                                  "none (r_i - mean(r) only: Dr. GRPO)",
+                                                          "choices": ("group", "none")})
     kl_estimator: str = field(default="k3", metadata={"help": "the KL term of eq. (3): k3 (eq. (4), the paper), k1 "
-                                                              "(log pi_theta/pi_ref) or k2 ((log pi_theta/pi_ref)^2 / 2)"})
+                                                              "(log pi_theta/pi_ref) or k2 "
+                                                              "((log pi_theta/pi_ref)^2 / 2)",
+                                                      "choices": KL_ESTIMATORS})
     maj_pass_k: int = field(default=0, metadata={"help": "also draw N = this many samples per problem at "
                                                           "--maj_pass_temperature for pi_sft and the trained model, and "
                                                           "report Maj@K and Pass@K for K = 1, 2, 4 .. N on the test and OOD "
-                                                          "splits (the paper's Figure 7 uses 64; 0: skip)"})
-    maj_pass_problems: int = field(default=100, metadata={"help": "problems of each split for --maj_pass_k"})
-    maj_pass_temperature: float = field(default=0.7, metadata={"help": "sampling temperature of --maj_pass_k (the paper's 0.7)"})
+                                                          "splits (the paper's Figure 7 uses 64; 0: skip)", "min": 0})
+    maj_pass_problems: int = field(default=100, metadata={"help": "problems of each split for --maj_pass_k", "min": 1})
+    maj_pass_temperature: float = field(default=0.7, metadata={
+        "help": "sampling temperature of --maj_pass_k (the paper's 0.7)", "above": 0,
+        "must": "must be > 0 (samples are drawn, not decoded greedily)"})
     out_dir: str = field(default="", metadata={"help": "where metrics.jsonl and the model go "
                                                         "(default runs/02_grpo_outcome/seed<seed>)"})
     cache_dir: str = field(default="", metadata={"help": "where SFT models are cached (default ./cache)"})
@@ -105,31 +122,6 @@ class Args:
 # default above unless its flag is given. The tiny model's SFT (800 steps at lr 1e-3 from random weights)
 # would overwrite what a pretrained model knows; 200 steps teach it the format. measured on one H200: pi_sft 25.0% -> 90.0% greedy, OOD 4.0% -> 39.0%.
 PRETRAINED = {"sft_steps": 200, "steps": 40}
-
-def check_args(args: Args):
-    """Every option before any work (common.parse_args has already refused unknown flags and nan/inf)."""
-    if args.lr <= 0:
-        common.fail(f"--lr {args.lr}: the learning rate must be finite and > 0")
-    if args.group_size < 2:
-        common.fail(f"--group_size {args.group_size}: GRPO needs at least 2 outputs per question to form a baseline")
-    if args.beta < 0:
-        common.fail(f"--beta {args.beta}: the KL coefficient must be >= 0")
-    if not 0 <= args.clip_eps < 1:
-        common.fail(f"--clip_eps {args.clip_eps}: the clip range must be in [0, 1)")
-    if args.mu < 1:
-        common.fail(f"--mu {args.mu}: at least one GRPO iteration per batch")
-    for name, choices in (("loss_agg", LOSS_AGGS), ("scale_rewards", ("group", "none")), ("kl_estimator", KL_ESTIMATORS)):
-        if getattr(args, name) not in choices:
-            common.fail(f"--{name} {getattr(args, name)!r}: use one of {', '.join(choices)}")
-    common.check_at_least(args, 1, "steps", "batch_size", "max_new_tokens", "maj_pass_problems")
-    common.check_at_least(args, 0, "sft_steps", "warmup_steps", "eval_test", "eval_ood", "k", "maj_pass_k")  # 0: skip
-    for name in ("temperature", "maj_pass_temperature"):
-        if getattr(args, name) <= 0:
-            common.fail(f"--{name} {getattr(args, name)}: must be > 0 (samples are drawn, not decoded greedily)")
-    if args.max_grad_norm <= 0:
-        common.fail(f"--max_grad_norm {args.max_grad_norm}: the gradient-norm limit must be > 0")
-    if not 0 <= args.seed < 2**32:
-        common.fail(f"--seed {args.seed}: use a seed in 0 .. {2**32 - 1}")
 
 
 def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tensor:
@@ -242,7 +234,6 @@ def maj_pass_report(policy, ref_policy, tokenizer, args: Args, log) -> dict:
 
 def main(argv=None):
     args = common.parse_args(Args, argv, PRETRAINED)
-    check_args(args)
     started = time.time()
     device = common.resolve_device(args.device)
     common.set_seed(args.seed)

@@ -11,6 +11,7 @@ what all lessons need and none of them teaches:
 - `evaluate`: greedy accuracy, Maj@K and Pass@K on the test split, greedy accuracy out of distribution
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -215,7 +216,8 @@ def fail(message: str):
 
 def parse_args(args_class, argv=None, pretrained: dict | None = None):
     """A lesson's Args from the command line (or argv). An unknown or mistyped flag (abbreviations
-    included) is argparse's usage error naming it, exit code 2; a float that is nan or inf is one line.
+    included) is argparse's usage error naming it, exit code 2; a float that is nan or inf is one line,
+    and so is a value outside the bounds its field declares (check_bounds).
 
     pretrained: the lesson's settings for a pretrained model (its PRETRAINED dict). When --model is not
     'tiny', each of them replaces the Args default, unless that flag is on the command line.
@@ -224,10 +226,11 @@ def parse_args(args_class, argv=None, pretrained: dict | None = None):
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser(args_class, allow_abbrev=False)
-    args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    parser = HfArgumentParser(_without_bounds(args_class), allow_abbrev=False)
+    parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (--help lists every option)")
+    args = args_class(**{f.name: getattr(parsed, f.name) for f in fields(parsed)})
     if pretrained and getattr(args, "model", "tiny") != "tiny":
         given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
         changed = {name: value for name, value in pretrained.items() if name not in given}
@@ -240,14 +243,42 @@ def parse_args(args_class, argv=None, pretrained: dict | None = None):
         value = getattr(args, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"--{f.name} {value}: must be a finite number")
+    check_bounds(args)
     return args
 
 
-def check_at_least(args, minimum: int, *names: str):
-    """Counts: each of `names` must be >= minimum (0 where 0 means "skip", else 1)."""
-    for name in names:
-        if getattr(args, name) < minimum:
-            fail(f"--{name} {getattr(args, name)}: must be >= {minimum}")
+# The metadata keys of an Args field that check_bounds reads. argparse never sees them: HfArgumentParser
+# would hand every metadata key to add_argument, which knows no "min" and would check "choices" itself.
+BOUNDS = ("min", "above", "max", "below", "choices", "must")
+
+
+def _without_bounds(args_class):
+    """A copy of args_class whose fields keep their metadata except BOUNDS: what HfArgumentParser reads."""
+    return dataclasses.make_dataclass(args_class.__name__, [
+        (f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                           metadata={k: v for k, v in f.metadata.items() if k not in BOUNDS}))
+        for f in fields(args_class)])
+
+
+def check_bounds(args):
+    """Each field's bounds, declared in its metadata: "min" (value >= min), "above" (value > above),
+    "max" (value <= max), "below" (value < below), "choices" (value is one of them). The first field
+    outside its bounds stops with one line, --name value: its "must" text (else what the bound says)."""
+    for f in fields(args):
+        value, bounds = getattr(args, f.name), f.metadata
+        if "choices" in bounds and value not in bounds["choices"]:
+            broken = f"use one of {', '.join(bounds['choices'])}"
+        elif "min" in bounds and value < bounds["min"]:
+            broken = f"must be >= {bounds['min']}"
+        elif "above" in bounds and value <= bounds["above"]:
+            broken = f"must be > {bounds['above']}"
+        elif "max" in bounds and value > bounds["max"]:
+            broken = f"must be <= {bounds['max']}"
+        elif "below" in bounds and value >= bounds["below"]:
+            broken = f"must be < {bounds['below']}"
+        else:
+            continue
+        fail(f"--{f.name} {value!r}: {bounds.get('must', broken)}")
 
 
 def resolve_device(name: str) -> torch.device:

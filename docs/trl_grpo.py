@@ -100,8 +100,7 @@ def grpo_config(args, out_dir: str, device: torch.device, n_steps: int):
 
 
 def main(argv=None):
-    args = common.parse_args(lesson_02.Args, argv, lesson_02.PRETRAINED)
-    lesson_02.check_args(args)
+    args = common.parse_args(lesson_02.Args, argv, lesson_02.PRETRAINED)  # and lesson 02's bounds on each flag
     if args.kl_estimator != "k3":
         common.fail(f"--kl_estimator {args.kl_estimator}: TRL's GRPOTrainer has only k3 (eq. (4)): drop the flag")
     try:
