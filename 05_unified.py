@@ -664,7 +664,7 @@ def report(final, curves, costs, args, seeds):
     line = cost_line(costs)
     if line:
         print(f"\nWhat GRPO saves (section 4.1.1's motivation, a cost measured here, not a finding): {line}.")
-    print(f"\nThe paper's findings (section 5.2), judged on these {len(seeds)} seeds: {common.VERDICT_RULE}.\n")
+    print(f"\nThe paper's findings (section 5.2), judged on {len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {common.VERDICT_RULE}.\n")
     checked = findings(final, curves, costs, args.k)
     for claim, judged, numbers in checked:
         print(f"- [{judged}] {claim}: {numbers}")
