@@ -165,14 +165,16 @@ def main(argv=None):
     trainer.train()
     policy = trainer.model.eval()
 
+    memory = common.peak_memory(device)  # as lesson 02 reads it: training and the evaluation before it
     after = evaluate()
     policy.save_pretrained(f"{out_dir}/model")
     tokenizer.save_pretrained(f"{out_dir}/model")
-    log.write({"final": True, "before": before, "after": after, "wall_time": time.time() - started})
+    log.write({"final": True, "before": before, "after": after, "memory": memory, "wall_time": time.time() - started})
     print(f"\nTRL GRPOTrainer, {args.steps} steps of {args.batch_size} questions x G={args.group_size} "
           f"on {device}, {time.time() - started:.0f}s")
     print(common.results_table({"SFT model": before, "after TRL GRPO": after}))
-    result = {"before": before, "after": after, "out_dir": out_dir}
+    print(memory)
+    result = {"before": before, "after": after, "out_dir": out_dir, "memory": memory}
     if args.maj_pass_k:
         ref_policy = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)[0]
         result["maj_pass"] = lesson_02.maj_pass_report(policy, ref_policy, tokenizer, args, log)

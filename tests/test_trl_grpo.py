@@ -74,8 +74,6 @@ def test_script_runs_end_to_end_and_writes_lesson_02s_records(both_runs):
         assert line["reward"] == pytest.approx(line["accuracy"]), line
 
 
-@pytest.mark.xfail(strict=True, reason="lesson 02's final record gained 'memory' (common.peak_memory, every lesson "
-                                       "prints it) and docs/trl_grpo.py's final record has no 'memory' key")
 def test_final_records_have_the_same_keys(both_runs):
     _, trl_lines, our_lines = both_runs
     assert set(trl_lines[-1]) == set(our_lines[-1])
