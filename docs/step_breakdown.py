@@ -10,6 +10,7 @@ sampling, pi_ref's log-probs, pi_theta's log-probs, the backward pass and the re
 
 Each version starts from pi_sft (early, short outputs) and, with --late_model, from a trained model
 (late, longer outputs). The versions must share pi_sft (the last one's is loaded for all).
+On a GPU: --device cuda (each piece between two CUDA synchronisations); the real model: --model smollm2.
 """
 import argparse
 import collections
@@ -34,18 +35,29 @@ def main():
     parser.add_argument("versions", nargs="+", help="LABEL=REPO_FOLDER, e.g. now=.")
     parser.add_argument("--late_model", default="", help="a trained model folder (lesson 02's runs/.../model)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per version and start")
+    parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda: on a GPU every piece is timed "
+                                                         "between two synchronisations, so it is the GPU's time")
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2, or any --model of the lessons")
+    parser.add_argument("--sft_steps", type=int, default=-1, help="pi_sft's SFT steps (default: the lesson's, "
+                                                                   "its PRETRAINED value for a pretrained model)")
     args = parser.parse_args()
     if any("=" not in v for v in args.versions):
         sys.exit(f"error: versions are LABEL=REPO_FOLDER, got {args.versions}: e.g. now=.")
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     current = {"pieces": collections.defaultdict(float)}  # piece -> seconds in the step being timed
+
+    def clock():  # wall time once the GPU has finished what it was given (CUDA runs asynchronously)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def timed(f, piece):  # piece None: pi_ref's pass when no gradient is recorded, else pi_theta's
         def wrapper(*a, **k):
-            start = time.perf_counter()
+            start = clock()
             out = f(*a, **k)
             key = piece or ("pi_theta" if torch.is_grad_enabled() else "pi_ref")
-            current["pieces"][key] += time.perf_counter() - start
+            current["pieces"][key] += clock() - start
             return out
         return wrapper
 
@@ -62,14 +74,17 @@ def main():
     torch.Tensor.backward = timed(torch.Tensor.backward, "backward")
 
     from transformers import AutoModelForCausalLM
-    common = versions[list(versions)[-1]][0]
-    ref_policy, tokenizer = common.load_policy("tiny", common.SFT_STEPS, torch.device("cpu"))
+    common, lesson = versions[list(versions)[-1]]
+    device = common.resolve_device(args.device)
+    sft_steps = args.sft_steps if args.sft_steps >= 0 else (
+        common.SFT_STEPS if args.model == "tiny" else getattr(lesson, "PRETRAINED", {}).get("sft_steps", common.SFT_STEPS))
+    ref_policy, tokenizer = common.load_policy(args.model, sft_steps, device)
     ref_policy.eval().requires_grad_(False)
     for start_from in ["pi_sft"] + ([args.late_model] if args.late_model else []):
         policies, rows = {}, {}
         for label in versions:
             policy = (copy.deepcopy(ref_policy) if start_from == "pi_sft" else common._prepare(
-                AutoModelForCausalLM.from_pretrained(start_from, dtype=torch.float32), tokenizer, torch.device("cpu")))
+                AutoModelForCausalLM.from_pretrained(start_from, dtype=torch.float32), tokenizer, device))
             policies[label] = (policy.requires_grad_(True), torch.optim.Adam(policy.parameters(), lr=1e-4))
             rows[label] = collections.defaultdict(list)
         for step in range(args.steps + 1):  # step 0 is a warm-up
@@ -79,9 +94,9 @@ def main():
                 questions = common_v.train_problems(step)
                 problems = [next(questions) for _ in range(16)]
                 policy, optimizer = policies[label]
-                start = time.perf_counter()
+                start = clock()
                 lesson.grpo_step(policy, ref_policy, tokenizer, optimizer, problems, lesson.Args())
-                total = time.perf_counter() - start
+                total = clock() - start
                 if step:
                     for key in ("sample", "pi_ref", "pi_theta", "backward"):
                         rows[label][key].append(pieces[key])
