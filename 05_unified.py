@@ -179,15 +179,33 @@ def unified_loss(logp, mask, gc, n_samples=None, normaliser="output", max_len=64
 
 
 # ----------------------------------------------------------------------------------------------------
-# The gradient coefficients, one per row of the table. Each returns [N, T].
+# Each method, one row of the paper's table: its gradient coefficient GC (gc_*, [N, T]) and, beside it,
+# the data source and reward it is computed from for one update (*_data_and_gc). Each *_data_and_gc
+# returns (batch, logp, gc, n_samples, stats): the outputs, log pi_theta of their tokens (with grad), GC,
+# how many draws of the data source they are (None: one per output) and what to log.
 
 
 def gc_sft(mask):
     return torch.ones_like(mask, dtype=torch.float)  # SFT: GC = 1
 
 
+def sft_data_and_gc(run, step):
+    """SFT: demonstrations from P_sft, no reward, GC = 1."""
+    B, G = run.args.batch_size, run.args.group_size
+    batch = demonstrations(run.tokenizer, [next(run.problems) for _ in range(B * G)], run.device, run.style)
+    return batch, log_pi(run, batch), gc_sft(batch.completion_mask), None, {}
+
+
 def gc_rft(correct, mask):
     return correct.float()[:, None] * mask  # RFT and Online RFT: GC = I(o)
+
+
+def rft_data_and_gc(run, step):
+    """RFT: samples of pi_sft drawn once before training (offline); Online RFT: of pi_theta. GC = I(o)."""
+    stats = {}
+    problems, batch = run.offline[step - 1] if run.method == "rft" else online_batch(run)
+    correct = rule_reward(run, problems, batch, stats)
+    return batch, log_pi(run, batch), gc_rft(correct, batch.completion_mask), None, stats
 
 
 def gc_dpo(logp, ref_logp, mask, n_pairs, beta):
@@ -198,9 +216,45 @@ def gc_dpo(logp, ref_logp, mask, n_pairs, beta):
     return beta * torch.cat([s, -s])[:, None] * mask  # DPO: GC = +-beta * sigma(beta*lr(o-) - beta*lr(o+))
 
 
+def dpo_data_and_gc(run, step):
+    """DPO: pi_sft's offline samples, each question's right outputs paired with its wrong ones."""
+    stats = {}
+    problems, batch = run.offline[step - 1]
+    rule_reward(run, problems, batch, stats)
+    chosen, rejected = dpo_pairs(problems, batch, run.args.group_size)
+    stats["pairs"] = n_pairs = len(chosen)
+    if n_pairs:
+        batch = select(batch, chosen + rejected)
+    logp = log_pi(run, batch)
+    ref_logp = ref_log_pi(run, batch, logp, stats)
+    mask = batch.completion_mask  # no pair (no question with a right and a wrong output): GC = 0, no update
+    gc = gc_dpo(logp, ref_logp, mask, n_pairs, run.args.dpo_beta) if n_pairs else torch.zeros_like(logp)
+    return batch, logp, gc, n_pairs or None, stats
+
+
 def gc_ppo(advantages, mask):
     """PPO's GC: the gradient of eq. (1) at pi_old = pi_theta (the clip is inactive there) is A_t."""
     return advantages * mask  # PPO: GC = A_t
+
+
+def ppo_data_and_gc(run, step):
+    """PPO: online samples; eq. (2)'s KL-penalised reward, GAE with V_psi (updated here), whitened."""
+    stats, args = {}, run.args
+    problems, batch = online_batch(run)
+    correct = rule_reward(run, problems, batch, stats)
+    logp = log_pi(run, batch)
+    ref_logp = ref_log_pi(run, batch, logp, stats)
+    mask = batch.completion_mask
+    values = run.value_model(batch)  # [N, T]
+    token_rewards = ppo_token_rewards(correct, logp.detach(), ref_logp, mask, args.beta)
+    advantages, returns = gae(token_rewards, values.detach(), mask, args.gamma, args.lam)
+    value_loss = 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum()
+    run.value_optimizer.zero_grad()
+    value_loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.value_model.parameters(), args.max_grad_norm)
+    run.value_optimizer.step()
+    stats["value_loss"] = value_loss.item()
+    return batch, logp, gc_ppo(whiten(advantages, mask), mask), None, stats
 
 
 def gc_grpo(advantages, logp, ref_logp, mask, beta):
@@ -208,8 +262,57 @@ def gc_grpo(advantages, logp, ref_logp, mask, beta):
     return (advantages + beta * (torch.exp(ref_logp - logp.detach()) - 1)) * mask  # GRPO: A + beta*(pi_ref/pi - 1)
 
 
+def grpo_data_and_gc(run, step):
+    """GRPO: G online samples per question; outcome (GRPO+OS) or per-step (GRPO+PS) group advantages."""
+    stats, G = {}, run.args.group_size
+    problems, batch = online_batch(run)
+    correct = rule_reward(run, problems, batch, stats)
+    logp = log_pi(run, batch)
+    ref_logp = ref_log_pi(run, batch, logp, stats)
+    mask = batch.completion_mask
+    if run.method == "grpo_os":
+        advantages = grpo_outcome_advantages(correct, G)[:, None] * mask  # [B*G, T]
+    else:
+        advantages = grpo_process_advantages(problems, batch, G)  # [B*G, T]
+    return batch, logp, gc_grpo(advantages, logp, ref_logp, mask, run.args.beta), None, stats
+
+
 GC_FUNCTIONS = {"sft": gc_sft, "rft": gc_rft, "dpo": gc_dpo, "online_rft": gc_rft, "ppo": gc_ppo,
                 "grpo_os": gc_grpo, "grpo_ps": gc_grpo}
+
+
+DATA_AND_GC = {"sft": sft_data_and_gc, "rft": rft_data_and_gc, "dpo": dpo_data_and_gc, "online_rft": rft_data_and_gc,
+               "ppo": ppo_data_and_gc, "grpo_os": grpo_data_and_gc, "grpo_ps": grpo_data_and_gc}
+
+
+# The pieces the methods share: log pi_theta with grad, log pi_ref and the KL to log, online samples, the rule reward
+
+
+def log_pi(run, batch):
+    run.policy.train()
+    return common.token_logprobs(run.policy, batch, run.args.temperature)  # [N, T], with grad
+
+
+def ref_log_pi(run, batch, logp, stats):
+    """log pi_ref of the same tokens (pi_ref = pi_sft, frozen), and the KL[pi || pi_ref] estimate to log."""
+    with torch.no_grad():
+        ref_logp = common.token_logprobs(run.sft_model, batch, run.args.temperature)  # [N, T]
+    mask = batch.completion_mask
+    stats["kl"] = (((logp.detach() - ref_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
+    return ref_logp
+
+
+def online_batch(run):
+    """q ~ P_sft(Q), o ~ pi_theta(O|q): B questions, G outputs each, from the policy being trained."""
+    problems = [next(run.problems) for _ in range(run.args.batch_size)]
+    return problems, common.sample(run.policy, run.tokenizer, [common.prompt_text(p) for p in problems],
+                                   run.args.group_size, run.args.temperature, run.args.max_new_tokens)
+
+
+def rule_reward(run, problems, batch, stats):
+    correct = outcome_rewards(problems, batch.texts, run.args.group_size).to(run.device)  # [B*G] I(o)
+    stats["reward"] = correct.mean().item()
+    return correct
 
 
 def paradigm_table(methods) -> str:
@@ -419,109 +522,6 @@ def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, off
         policy.eval()
         meter.step(step, stats, loss, grad_norm, gc, batch.completion_mask)
     return meter.costs(models)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Each method's data source, reward and GC for one update, beside one another. Each returns
-# (batch, logp, gc, n_samples, stats): the outputs, log pi_theta of their tokens (with grad), GC [N, T],
-# how many draws of the data source they are (None: one per output) and what to log.
-
-
-def log_pi(run, batch):
-    run.policy.train()
-    return common.token_logprobs(run.policy, batch, run.args.temperature)  # [N, T], with grad
-
-
-def ref_log_pi(run, batch, logp, stats):
-    """log pi_ref of the same tokens (pi_ref = pi_sft, frozen), and the KL[pi || pi_ref] estimate to log."""
-    with torch.no_grad():
-        ref_logp = common.token_logprobs(run.sft_model, batch, run.args.temperature)  # [N, T]
-    mask = batch.completion_mask
-    stats["kl"] = (((logp.detach() - ref_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
-    return ref_logp
-
-
-def online_batch(run):
-    """q ~ P_sft(Q), o ~ pi_theta(O|q): B questions, G outputs each, from the policy being trained."""
-    problems = [next(run.problems) for _ in range(run.args.batch_size)]
-    return problems, common.sample(run.policy, run.tokenizer, [common.prompt_text(p) for p in problems],
-                                   run.args.group_size, run.args.temperature, run.args.max_new_tokens)
-
-
-def rule_reward(run, problems, batch, stats):
-    correct = outcome_rewards(problems, batch.texts, run.args.group_size).to(run.device)  # [B*G] I(o)
-    stats["reward"] = correct.mean().item()
-    return correct
-
-
-def sft_data_and_gc(run, step):
-    """SFT: demonstrations from P_sft, no reward, GC = 1."""
-    B, G = run.args.batch_size, run.args.group_size
-    batch = demonstrations(run.tokenizer, [next(run.problems) for _ in range(B * G)], run.device, run.style)
-    return batch, log_pi(run, batch), gc_sft(batch.completion_mask), None, {}
-
-
-def rft_data_and_gc(run, step):
-    """RFT: samples of pi_sft drawn once before training (offline); Online RFT: of pi_theta. GC = I(o)."""
-    stats = {}
-    problems, batch = run.offline[step - 1] if run.method == "rft" else online_batch(run)
-    correct = rule_reward(run, problems, batch, stats)
-    return batch, log_pi(run, batch), gc_rft(correct, batch.completion_mask), None, stats
-
-
-def dpo_data_and_gc(run, step):
-    """DPO: pi_sft's offline samples, each question's right outputs paired with its wrong ones."""
-    stats = {}
-    problems, batch = run.offline[step - 1]
-    rule_reward(run, problems, batch, stats)
-    chosen, rejected = dpo_pairs(problems, batch, run.args.group_size)
-    stats["pairs"] = n_pairs = len(chosen)
-    if n_pairs:
-        batch = select(batch, chosen + rejected)
-    logp = log_pi(run, batch)
-    ref_logp = ref_log_pi(run, batch, logp, stats)
-    mask = batch.completion_mask  # no pair (no question with a right and a wrong output): GC = 0, no update
-    gc = gc_dpo(logp, ref_logp, mask, n_pairs, run.args.dpo_beta) if n_pairs else torch.zeros_like(logp)
-    return batch, logp, gc, n_pairs or None, stats
-
-
-def ppo_data_and_gc(run, step):
-    """PPO: online samples; eq. (2)'s KL-penalised reward, GAE with V_psi (updated here), whitened."""
-    stats, args = {}, run.args
-    problems, batch = online_batch(run)
-    correct = rule_reward(run, problems, batch, stats)
-    logp = log_pi(run, batch)
-    ref_logp = ref_log_pi(run, batch, logp, stats)
-    mask = batch.completion_mask
-    values = run.value_model(batch)  # [N, T]
-    token_rewards = ppo_token_rewards(correct, logp.detach(), ref_logp, mask, args.beta)
-    advantages, returns = gae(token_rewards, values.detach(), mask, args.gamma, args.lam)
-    value_loss = 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum()
-    run.value_optimizer.zero_grad()
-    value_loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.value_model.parameters(), args.max_grad_norm)
-    run.value_optimizer.step()
-    stats["value_loss"] = value_loss.item()
-    return batch, logp, gc_ppo(whiten(advantages, mask), mask), None, stats
-
-
-def grpo_data_and_gc(run, step):
-    """GRPO: G online samples per question; outcome (GRPO+OS) or per-step (GRPO+PS) group advantages."""
-    stats, G = {}, run.args.group_size
-    problems, batch = online_batch(run)
-    correct = rule_reward(run, problems, batch, stats)
-    logp = log_pi(run, batch)
-    ref_logp = ref_log_pi(run, batch, logp, stats)
-    mask = batch.completion_mask
-    if run.method == "grpo_os":
-        advantages = grpo_outcome_advantages(correct, G)[:, None] * mask  # [B*G, T]
-    else:
-        advantages = grpo_process_advantages(problems, batch, G)  # [B*G, T]
-    return batch, logp, gc_grpo(advantages, logp, ref_logp, mask, run.args.beta), None, stats
-
-
-DATA_AND_GC = {"sft": sft_data_and_gc, "rft": rft_data_and_gc, "dpo": dpo_data_and_gc, "online_rft": rft_data_and_gc,
-               "ppo": ppo_data_and_gc, "grpo_os": grpo_data_and_gc, "grpo_ps": grpo_data_and_gc}
 
 
 class Meter:
