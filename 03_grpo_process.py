@@ -92,7 +92,8 @@ class Args:
     train_ops: str = field(default="2-4", metadata={"help": "operations per training problem: 2-4 (the test "
                                                             "split's length) or 5-6 (long chains, sparse outcome reward)"})
     model: str = field(default="tiny", metadata={"help": "'tiny' (built in), 'smollm2' (the course's real model, "
-                                                        "SmolLM2-135M-Instruct), a causal LM folder, a .gguf file or a hub id"})
+                                                        "SmolLM2-135M-Instruct), a causal LM folder, a .gguf "
+                                                        "file or a hub id"})
     sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
                                                                "min": 0})
     seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init", "min": 0,
@@ -128,8 +129,9 @@ class Args:
 
 
 # Settings for a pretrained model (--model smollm2, a folder, a .gguf file or a hub id): each replaces the
-# default above unless its flag is given. The tiny model's SFT (800 steps at lr 1e-3 from random weights)
-# would overwrite what a pretrained model knows; 200 steps teach it the format. lesson 02's measured settings carried over, not yet probed for process rewards.
+# default above unless its flag is given. The tiny model's SFT (800 steps at lr 1e-3) is made for random
+# weights; 200 steps teach a pretrained model the answer format. These are lesson 02's measured settings,
+# carried over; not yet probed for process rewards.
 PRETRAINED = {"sft_steps": 200, "steps": 40}
 
 

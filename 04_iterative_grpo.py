@@ -90,7 +90,8 @@ import common
 @dataclass
 class Args:
     model: str = field(default="tiny", metadata={"help": "'tiny' (built in), 'smollm2' (the course's real model, "
-                                                        "SmolLM2-135M-Instruct), a causal LM folder, a .gguf file or a hub id"})
+                                                        "SmolLM2-135M-Instruct), a causal LM folder, a .gguf "
+                                                        "file or a hub id"})
     sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
                                                                "min": 0})
     seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init", "min": 0,
@@ -147,8 +148,9 @@ class Args:
 
 
 # Settings for a pretrained model (--model smollm2, a folder, a .gguf file or a hub id): each replaces the
-# default above unless its flag is given. The tiny model's SFT (800 steps at lr 1e-3 from random weights)
-# would overwrite what a pretrained model knows; 200 steps teach it the format. lesson 02's SFT warm start; the rest as for the tiny model, not yet probed.
+# default above unless its flag is given. The tiny model's SFT (800 steps at lr 1e-3) is made for random
+# weights; 200 steps teach a pretrained model the answer format. Lesson 02's SFT warm start; the rest as for
+# the tiny model, not yet probed.
 PRETRAINED = {"sft_steps": 200}
 
 
@@ -354,11 +356,11 @@ def verifier_labels(problems: list, texts: list, group_size: int) -> list:
 
 
 @torch.no_grad()
-def sample_labelled(policy, tokenizer, problems: list, args: Args) -> list:
-    """G outputs of the policy per question, as r_phi's training examples with the verifier's labels."""
+def sample_graded(policy, tokenizer, problems: list, args: Args):
+    """G outputs of the policy per question and the verifier's grade of each: (batch, labels)."""
     batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], args.group_size,
                           args.temperature, args.max_new_tokens)
-    return examples_from_batch(batch, verifier_labels(problems, batch.texts, args.group_size))
+    return batch, verifier_labels(problems, batch.texts, args.group_size)
 
 
 def main(argv=None):
@@ -380,7 +382,8 @@ def main(argv=None):
     # r_phi's first training set: outputs of the SFT model, labelled by the verifier
     reward_model = load_reward_model(policy, device)
     rm_optimizer = torch.optim.Adam(reward_model.parameters(), lr=args.rm_lr)
-    history = sample_labelled(policy, tokenizer, [next(problems) for _ in range(args.rm_init_questions)], args)
+    sft_problems = [next(problems) for _ in range(args.rm_init_questions)]
+    history = examples_from_batch(*sample_graded(policy, tokenizer, sft_problems, args))
     rm_losses = train_reward_model(reward_model, rm_optimizer, history, [], args.rm_init_steps, args.rm_batch_size,
                                    args.replay_fraction, rng, tokenizer.pad_token_id, args.max_grad_norm)
     watch.first_reward_model(policy, reward_model, history, rm_losses, before)
@@ -420,10 +423,8 @@ def main(argv=None):
 @torch.no_grad()
 def probe(policy, tokenizer, problems: list, args: Args) -> dict:
     """Fresh samples of the current policy on held-out questions: what r_phi says and what is true."""
-    batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], args.group_size,
-                          args.temperature, args.max_new_tokens)
-    return {"batch": batch, "labels": torch.tensor([float(c) for c in verifier_labels(problems, batch.texts,
-                                                                                    args.group_size)])}
+    batch, labels = sample_graded(policy, tokenizer, problems, args)
+    return {"batch": batch, "labels": torch.tensor([float(c) for c in labels])}
 
 
 @torch.no_grad()

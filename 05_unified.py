@@ -103,7 +103,8 @@ class Args:
     methods: str = field(default=",".join(METHODS), metadata={"help": "comma-separated subset of " + ",".join(METHODS)})
     seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds; every method runs once per seed"})
     model: str = field(default="tiny", metadata={"help": "'tiny' (built in), 'smollm2' (the course's real model, "
-                                                        "SmolLM2-135M-Instruct), a causal LM folder, a .gguf file or a hub id"})
+                                                        "SmolLM2-135M-Instruct), a causal LM folder, a .gguf "
+                                                        "file or a hub id"})
     sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
                                                                "min": 0})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -148,8 +149,9 @@ class Args:
 
 
 # Settings for a pretrained model (--model smollm2, a folder, a .gguf file or a hub id): each replaces the
-# default above unless its flag is given. The tiny model's SFT (800 steps at lr 1e-3 from random weights)
-# would overwrite what a pretrained model knows; 200 steps teach it the format. lesson 02's measured settings carried over, not yet probed for the other methods.
+# default above unless its flag is given. The tiny model's SFT (800 steps at lr 1e-3) is made for random
+# weights; 200 steps teach a pretrained model the answer format. These are lesson 02's measured settings,
+# carried over; not yet probed for the other methods.
 PRETRAINED = {"sft_steps": 200, "steps": 40}
 
 

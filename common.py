@@ -11,7 +11,6 @@ what all lessons need and none of them teaches:
 - `evaluate`: greedy accuracy, Maj@K and Pass@K on the test split, greedy accuracy out of distribution
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 import torch
@@ -254,9 +253,9 @@ BOUNDS = ("min", "above", "max", "below", "choices", "must")
 
 def _without_bounds(args_class):
     """A copy of args_class whose fields keep their metadata except BOUNDS: what HfArgumentParser reads."""
-    return dataclasses.make_dataclass(args_class.__name__, [
-        (f.name, f.type, dataclasses.field(default=f.default, default_factory=f.default_factory,
-                                           metadata={k: v for k, v in f.metadata.items() if k not in BOUNDS}))
+    return make_dataclass(args_class.__name__, [
+        (f.name, f.type, field(default=f.default, default_factory=f.default_factory,
+                               metadata={k: v for k, v in f.metadata.items() if k not in BOUNDS}))
         for f in fields(args_class)])
 
 

@@ -58,16 +58,19 @@ def test_smollm2_is_the_packaged_gguf_and_dequantises_to_a_plain_llama(smollm2_f
     assert common.gguf_to_folder(common.smollm2_source(), common.Path(cache_dir)) == smollm2_folder
 
 
-def test_smollm2_without_the_package_is_the_hub_id(monkeypatch):
+def hide_package(monkeypatch, package: str):
+    """importlib finds every package but `package`, as if it were not installed."""
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == common.SMOLLM2_PACKAGE else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real_find_spec(name, *a))
+
+
+def test_smollm2_without_the_package_is_the_hub_id(monkeypatch):
+    hide_package(monkeypatch, common.SMOLLM2_PACKAGE)
     assert common.smollm2_source() == common.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_a_gguf_without_its_packages_is_one_line(monkeypatch, tmp_path):
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    hide_package(monkeypatch, "gguf")
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF")
     with pytest.raises(SystemExit) as stop:
