@@ -56,6 +56,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import plumbing
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Args:
     model: str = field(default="tiny", metadata={"help": "'tiny' (built in), 'smollm2' (the course's real model, "
                                                         "SmolLM2-135M-Instruct), a causal LM folder, a .gguf "
                                                         "file or a hub id"})
-    sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
+    sft_steps: int = field(default=plumbing.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
                                                                "min": 0})
     seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init", "min": 0,
                                            "below": 2**32, "must": f"use a seed in 0 .. {2**32 - 1}"})
@@ -130,7 +131,7 @@ def load_value_model(sft_path: str, device):
     try:
         value_model = AutoModelForTokenClassification.from_pretrained(sft_path, config=config, dtype=torch.float32)
     except ValueError as e:  # a model family with no token-classification class
-        common.fail(f"no value model for {sft_path}: {str(e).splitlines()[0]}")
+        plumbing.fail(f"no value model for {sft_path}: {str(e).splitlines()[0]}")
     finally:
         transformers.logging.set_verbosity(verbosity)
     head = value_model.score if hasattr(value_model, "score") else value_model.classifier
@@ -346,45 +347,45 @@ def value_update(value_model, value_optimizer, minibatch, old_values, returns, m
 
 
 def check_args(args: Args):
-    """What the fields' bounds cannot say (common.parse_args has checked those): a minibatch is part of a batch."""
+    """What the fields' bounds cannot say (plumbing.parse_args has checked those): a minibatch is part of a batch."""
     if args.minibatch_size > args.batch_size:
-        common.fail(f"--minibatch_size {args.minibatch_size} is larger than --batch_size {args.batch_size}: "
+        plumbing.fail(f"--minibatch_size {args.minibatch_size} is larger than --batch_size {args.batch_size}: "
                     "a minibatch is a part of the sampled batch")
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv, PRETRAINED)
+    args = plumbing.parse_args(Args, argv, PRETRAINED)
     check_args(args)
     started = time.time()
-    device = common.resolve_device(args.device)
+    device = plumbing.resolve_device(args.device)
     common.set_seed(args.seed)
     out_dir = args.out_dir or f"runs/01_ppo/seed{args.seed}"
 
-    policy, tokenizer = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
+    policy, tokenizer = plumbing.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
     ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the SFT model, frozen
     value_model = load_value_model(policy.name_or_path, device).eval()  # V_psi, from the SFT model
     before = common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
                              args.max_new_tokens)
-    print(common.results_table({"SFT model": before}))
+    print(plumbing.results_table({"SFT model": before}))
 
     common.set_seed(args.seed)
     problems = common.train_problems(args.seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     value_optimizer = torch.optim.Adam(value_model.parameters(), lr=args.value_lr)
-    log = common.MetricsLog(out_dir)
+    log = plumbing.MetricsLog(out_dir)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     records = []
     bar = tqdm(range(1, args.steps + 1), desc="PPO")
     for step in bar:
-        t0 = common.clock(device)
+        t0 = plumbing.clock(device)
         stats = ppo_step(policy, value_model, ref_policy, tokenizer, optimizer, value_optimizer,
                          [next(problems) for _ in range(args.batch_size)], args)
-        records.append({"step": step, **stats, "step_time": common.clock(device) - t0})
+        records.append({"step": step, **stats, "step_time": plumbing.clock(device) - t0})
         log.write(records[-1])
         bar.set_postfix(reward=f"{stats['reward']:.2f}", kl=f"{stats['kl']:.4f}", vloss=f"{stats['value_loss']:.3f}",
                         ev=f"{stats['explained_variance']:.2f}", clip=f"{stats['clip_frac']:.3f}")
-    memory = common.peak_memory(device)  # of the training loop alone: read before the evaluation below
+    memory = plumbing.peak_memory(device)  # of the training loop alone: read before the evaluation below
     return report(policy, value_model, ref_policy, tokenizer, optimizer, value_optimizer, before, records, memory,
                   log, args, out_dir, device, started)
 
@@ -395,9 +396,9 @@ def main(argv=None):
 
 def timed(device, fn, *args):
     """fn(*args) and the seconds it took (the GPU synchronised at both ends)."""
-    t0 = common.clock(device)
+    t0 = plumbing.clock(device)
     out = fn(*args)
-    return out, common.clock(device) - t0
+    return out, plumbing.clock(device) - t0
 
 
 def model_bytes(model, optimizer=None) -> int:
@@ -436,9 +437,9 @@ def report(policy, value_model, ref_policy, tokenizer, optimizer, value_optimize
                "mean_step_time": mean_step, "mean_value_time": mean_value, "wall_time": time.time() - started})
     print(f"\nPPO, {args.steps} steps of {args.batch_size} questions x 1 output, {args.ppo_epochs} epochs of "
           f"minibatches of {args.minibatch_size}, on {device}, {time.time() - started:.0f}s")
-    print(common.results_table({"SFT model": before, "after PPO": after}))
+    print(plumbing.results_table({"SFT model": before, "after PPO": after}))
     print("\nWhat the critic costs:")
-    print(common.results_table(cost))
+    print(plumbing.results_table(cost))
     print(memory)
     print(f"mean time per step: {mean_step:.2f}s, of which the value model (forward + updates): "
           f"{mean_value:.2f}s ({100 * mean_value / mean_step:.0f}%)")

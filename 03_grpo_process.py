@@ -79,6 +79,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import plumbing
 
 SUPERVISIONS = ("outcome", "process", "both")
 
@@ -94,7 +95,7 @@ class Args:
     model: str = field(default="tiny", metadata={"help": "'tiny' (built in), 'smollm2' (the course's real model, "
                                                         "SmolLM2-135M-Instruct), a causal LM folder, a .gguf "
                                                         "file or a hub id"})
-    sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
+    sft_steps: int = field(default=plumbing.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
                                                                "min": 0})
     seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init", "min": 0,
                                            "below": 2**32, "must": f"use a seed in 0 .. {2**32 - 1}"})
@@ -265,14 +266,14 @@ def step_error_rates(model, tokenizer, n_test: int, n_ood: int, max_new_tokens: 
 def train(policy, ref_policy, tokenizer, args: Args, supervision: str, out_dir: str, device):
     """The GRPO loop with outcome or process supervision; writes out_dir/metrics.jsonl."""
     common.set_seed(args.seed)  # both supervisions see the same questions from the same random state
-    problems = common.train_problems(args.seed, ops=common.parse_ops(args.train_ops))
+    problems = common.train_problems(args.seed, ops=plumbing.parse_ops(args.train_ops))
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps)))
-    log = common.MetricsLog(out_dir)
+    log = plumbing.MetricsLog(out_dir)
     G = args.group_size
     bar = tqdm(range(1, args.steps + 1), desc=f"GRPO ({supervision})")
     for step in bar:
-        t0 = common.clock(device)
+        t0 = plumbing.clock(device)
         batch_problems = [next(problems) for _ in range(args.batch_size)]
         # pi_old <- pi_theta; sample G outputs o_i ~ pi_old(.|q) for each question q
         batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in batch_problems], G,
@@ -310,7 +311,7 @@ def train(policy, ref_policy, tokenizer, args: Args, supervision: str, out_dir: 
                   "steps_per_output": n_steps / len(R), "kl": stats["kl"], "clip_frac": stats["clip_frac"],
                   "loss": loss.item(), "grad_norm": grad_norm.item(), "zero_adv_groups": zero_adv,
                   "completion_len": batch.completion_mask.sum(1).float().mean().item(),
-                  "step_time": common.clock(device) - t0}
+                  "step_time": plumbing.clock(device) - t0}
         log.write(record)
         bar.set_postfix(acc=f"{record['accuracy']:.2f}", step_acc=f"{step_acc:.2f}",
                         steps=f"{record['steps_per_output']:.1f}", kl=f"{record['kl']:.4f}",
@@ -319,18 +320,18 @@ def train(policy, ref_policy, tokenizer, args: Args, supervision: str, out_dir: 
 
 
 def check_args(args: Args):
-    """What the fields' bounds cannot say (common.parse_args has checked those): --train_ops is a range."""
-    common.parse_ops(args.train_ops)
+    """What the fields' bounds cannot say (plumbing.parse_args has checked those): --train_ops is a range."""
+    plumbing.parse_ops(args.train_ops)
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv, PRETRAINED)
+    args = plumbing.parse_args(Args, argv, PRETRAINED)
     check_args(args)
     started = time.time()
-    device = common.resolve_device(args.device)
+    device = plumbing.resolve_device(args.device)
     common.set_seed(args.seed)
     out_dir = args.out_dir or f"runs/03_grpo_process/ops{args.train_ops}/seed{args.seed}"
-    load = lambda: common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
+    load = lambda: plumbing.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
 
     policy, tokenizer = load()
     ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: the SFT model, frozen
@@ -341,14 +342,14 @@ def main(argv=None):
                 **step_error_rates(model, tokenizer, args.eval_test, args.eval_ood, args.max_new_tokens)}
 
     before = evaluate(policy)
-    print(common.results_table({"SFT model": before}))
+    print(plumbing.results_table({"SFT model": before}))
     rows, after = {"SFT model": before}, {}
     supervisions = ["outcome", "process"] if args.supervision == "both" else [args.supervision]
     for n, supervision in enumerate(supervisions):
         if n > 0:
             policy, _ = load()  # a fresh pi_sft from the cache: every supervision starts from the same weights
         log = train(policy, ref_policy, tokenizer, args, supervision, f"{out_dir}/{supervision}", device)
-        memory = common.peak_memory(device)  # so far: the largest of the runs
+        memory = plumbing.peak_memory(device)  # so far: the largest of the runs
         after[supervision] = evaluate(policy)
         policy.save_pretrained(f"{out_dir}/{supervision}/model")
         tokenizer.save_pretrained(f"{out_dir}/{supervision}/model")
@@ -358,7 +359,7 @@ def main(argv=None):
 
     print(f"\nGRPO with {' and '.join(supervisions)} supervision, {args.steps} steps of {args.batch_size} "
           f"questions x G={args.group_size} each, seed {args.seed}, on {device}, {time.time() - started:.0f}s")
-    print(common.results_table(rows))
+    print(plumbing.results_table(rows))
     print(memory)
     return {"before": before, "after": after, "out_dir": out_dir, "memory": memory}
 

@@ -85,6 +85,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import plumbing
 
 
 @dataclass
@@ -92,7 +93,7 @@ class Args:
     model: str = field(default="tiny", metadata={"help": "'tiny' (built in), 'smollm2' (the course's real model, "
                                                         "SmolLM2-135M-Instruct), a causal LM folder, a .gguf "
                                                         "file or a hub id"})
-    sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
+    sft_steps: int = field(default=plumbing.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
                                                                "min": 0})
     seed: int = field(default=0, metadata={"help": "seed of the train problems, sampling and init", "min": 0,
                                            "below": 2**32, "must": f"use a seed in 0 .. {2**32 - 1}"})
@@ -166,7 +167,7 @@ def load_reward_model(policy, device):
         reward_model = AutoModelForTokenClassification.from_pretrained(policy.name_or_path, num_labels=1,
                                                                        dtype=torch.float32)
     except (ValueError, KeyError) as e:
-        common.fail(f"{policy.name_or_path} has no token-classification head in transformers ({e}): "
+        plumbing.fail(f"{policy.name_or_path} has no token-classification head in transformers ({e}): "
                     "the reward model needs one")
     reward_model.config.pad_token_id = policy.config.pad_token_id
     return reward_model.to(device).eval()
@@ -364,16 +365,16 @@ def sample_graded(policy, tokenizer, problems: list, args: Args):
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv, PRETRAINED)
+    args = plumbing.parse_args(Args, argv, PRETRAINED)
     started = time.time()
-    device = common.resolve_device(args.device)
+    device = plumbing.resolve_device(args.device)
     common.set_seed(args.seed)
     mode = "frozen" if args.frozen_rm else "iterative"
     out_dir = args.out_dir or f"runs/04_iterative_grpo/{mode}-seed{args.seed}"
-    policy, tokenizer = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
+    policy, tokenizer = plumbing.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
     before = common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
                              args.max_new_tokens)
-    print(common.results_table({"SFT model": before}))
+    print(plumbing.results_table({"SFT model": before}))
 
     common.set_seed(args.seed)
     rng = random.Random(args.seed)  # draws r_phi's training batches
@@ -398,13 +399,13 @@ def main(argv=None):
         new_data = []
         bar = tqdm(range(1, args.steps + 1), desc=f"GRPO iteration {iteration}/{args.iterations} ({mode} r_phi)")
         for step in bar:  # line 4
-            t0 = common.clock(device)
+            t0 = plumbing.clock(device)
             batch_problems = [next(problems) for _ in range(args.batch_size)]  # line 5
             stats, labelled = grpo_step(policy, ref_policy, reward_model, tokenizer, optimizer, batch_problems,
                                         args)  # lines 6-10
             warmup.step()
             new_data += labelled
-            watch.step(bar, iteration, step, stats, common.clock(device) - t0)
+            watch.step(bar, iteration, step, stats, plumbing.clock(device) - t0)
         rm_before = watch.reward_model_on_fresh_samples(policy, reward_model)  # r_phi facing the policy it now has
         rm_losses = []
         if not args.frozen_rm:  # line 11: continuous training on this iteration's samples, replaying history
@@ -444,7 +445,7 @@ class Watch:
 
     def __init__(self, tokenizer, args: Args, out_dir: str, device):
         self.tokenizer, self.args, self.out_dir, self.device = tokenizer, args, out_dir, device
-        self.log = common.MetricsLog(out_dir)
+        self.log = plumbing.MetricsLog(out_dir)
         self.probe_problems = common.make_split("test", args.rm_eval_questions)
         self.iterations, self.sampled = [], None
 
@@ -493,7 +494,7 @@ class Watch:
 
     def final(self, policy, reward_model, before, mode, started) -> dict:
         args, out_dir = self.args, self.out_dir
-        memory = common.peak_memory(self.device)  # policy, pi_ref and r_phi, sampling and both trainings
+        memory = plumbing.peak_memory(self.device)  # policy, pi_ref and r_phi, sampling and both trainings
         after = common.evaluate(policy, self.tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
                                 args.max_new_tokens)
         policy.save_pretrained(f"{out_dir}/model")
@@ -503,10 +504,10 @@ class Watch:
                         "wall_time": time.time() - started})
         print(f"\nIterative GRPO ({mode} r_phi), {args.iterations} iterations x {args.steps} steps of "
               f"{args.batch_size} questions x G={args.group_size} on {self.device}, {time.time() - started:.0f}s")
-        print(common.results_table({"SFT model": before, f"after GRPO ({mode} r_phi)": after}))
+        print(plumbing.results_table({"SFT model": before, f"after GRPO ({mode} r_phi)": after}))
         print("\nPer iteration, on fresh samples of the policy for held-out questions (temperature "
               f"{args.temperature}):\n")
-        print(common.results_table({f"iteration {r['iteration']}": {
+        print(plumbing.results_table({f"iteration {r['iteration']}": {
             "policy updates": r["policy_updates"], "true accuracy": r["true_acc"], "r_phi mean reward": r["rm_reward"],
             "r_phi acc before": r["rm_acc_before"], "r_phi acc after": r["rm_acc_after"],
             "greedy test": r["test_greedy"]} for r in self.iterations}))

@@ -76,6 +76,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import plumbing
 
 # name on the command line -> (name in the tables, data source, reward)
 METHODS = {
@@ -105,7 +106,7 @@ class Args:
     model: str = field(default="tiny", metadata={"help": "'tiny' (built in), 'smollm2' (the course's real model, "
                                                         "SmolLM2-135M-Instruct), a causal LM folder, a .gguf "
                                                         "file or a hub id"})
-    sft_steps: int = field(default=common.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
+    sft_steps: int = field(default=plumbing.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
                                                                "min": 0})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     steps: int = field(default=60, metadata={"help": "policy updates per method (one batch each)", "min": 1})
@@ -543,10 +544,10 @@ class Meter:
     def start(self):
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.t0 = common.clock(self.device)
+        self.t0 = plumbing.clock(self.device)
 
     def step(self, step, stats, loss, grad_norm, gc, mask):
-        self.step_times.append(common.clock(self.device) - self.t0)  # sampling, forward, backward, optimizer step
+        self.step_times.append(plumbing.clock(self.device) - self.t0)  # sampling, forward, backward, optimizer step
         if self.device.type == "cuda":
             self.peak_gpu = max(self.peak_gpu, torch.cuda.max_memory_allocated(self.device))
         args = self.args
@@ -582,7 +583,7 @@ def pct(values):
 
 
 def findings(final, curves, costs, k):
-    """The paper's findings of section 5.2, each judged by common.verdict: (finding, verdict, numbers)."""
+    """The paper's findings of section 5.2, each judged by plumbing.verdict: (finding, verdict, numbers)."""
     out = []
     per_seed = lambda m, key: [r[key] for r in final[m]]
     diff = lambda a, b, key="test_greedy": [x - y for x, y in zip(per_seed(a, key), per_seed(b, key))]
@@ -598,13 +599,13 @@ def findings(final, curves, costs, k):
             if better == "Online RFT" and steps:
                 gap = lambda s: 100 * statistics.mean(a - b for a, b in zip(curves[better][s], curves[worse][s]))
                 numbers += "; on the curve " + ", ".join(f"{gap(s):+.1f} at step {s}" for s in steps)
-            out.append((claim, common.verdict(ds), numbers))
+            out.append((claim, plumbing.verdict(ds), numbers))
     for m in ("GRPO+OS", "GRPO+PS", "PPO", "Online RFT"):
         if m in final:
             d_maj, d_pass = diff(m, "SFT model", f"test_maj@{k}"), diff(m, "SFT model", f"test_pass@{k}")
-            out.append((f"RL ({m}) raises Maj@{k}", common.verdict(d_maj), f"Maj@{k} - SFT model's: {show(d_maj)}"))
+            out.append((f"RL ({m}) raises Maj@{k}", plumbing.verdict(d_maj), f"Maj@{k} - SFT model's: {show(d_maj)}"))
             d_gap = [a - b for a, b in zip(d_maj, d_pass)]
-            out.append((f"RL ({m}) raises Maj@{k} more than Pass@{k}", common.verdict(d_gap),
+            out.append((f"RL ({m}) raises Maj@{k} more than Pass@{k}", plumbing.verdict(d_gap),
                         f"Maj@{k} gain - Pass@{k} gain: {show(d_gap)}; Pass@{k} - SFT model's: {show(d_pass)}"))
             break
     return out
@@ -629,7 +630,7 @@ def read_runs(out_root, seeds):
     for seed in seeds:
         path = Path(out_root) / f"seed{seed}" / "metrics.jsonl"
         if not path.is_file():
-            common.fail(f"{path} does not exist: run the comparison for seed {seed} first")
+            plumbing.fail(f"{path} does not exist: run the comparison for seed {seed} first")
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if record.get("final"):
@@ -666,7 +667,7 @@ def report(final, curves, costs, args, seeds):
     line = cost_line(costs)
     if line:
         print(f"\nWhat GRPO saves (section 4.1.1's motivation, a cost measured here, not a finding): {line}.")
-    print(f"\nThe paper's findings (section 5.2), judged on {len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {common.VERDICT_RULE}.\n")
+    print(f"\nThe paper's findings (section 5.2), judged on {len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {plumbing.VERDICT_RULE}.\n")
     checked = findings(final, curves, costs, args.k)
     for claim, judged, numbers in checked:
         print(f"- [{judged}] {claim}: {numbers}")
@@ -678,39 +679,39 @@ def parse_list(text: str, what: str, cast=str) -> list:
     try:
         items = [cast(t) for t in items]
     except ValueError:
-        common.fail(f"--{what} {text!r}: give a comma-separated list")
+        plumbing.fail(f"--{what} {text!r}: give a comma-separated list")
     if not items:
-        common.fail(f"--{what} is empty")
+        plumbing.fail(f"--{what} is empty")
     return items
 
 
 def check_args(args: Args):
-    """What the fields' bounds cannot say (common.parse_args has checked those): the items of --methods and --seeds."""
+    """What the fields' bounds cannot say (plumbing.parse_args has checked those): the items of --methods and --seeds."""
     for m in parse_list(args.methods, "methods"):
         if m not in METHODS:
-            common.fail(f"--methods: unknown method {m!r}; choose from {','.join(METHODS)}")
+            plumbing.fail(f"--methods: unknown method {m!r}; choose from {','.join(METHODS)}")
     for seed in parse_list(args.seeds, "seeds", int):
         if not 0 <= seed < 2**32:
-            common.fail(f"--seeds {args.seeds!r}: use seeds in 0 .. {2**32 - 1}")
+            plumbing.fail(f"--seeds {args.seeds!r}: use seeds in 0 .. {2**32 - 1}")
 
 
 def main(argv=None):
-    args = common.parse_args(Args, argv, PRETRAINED)
+    args = plumbing.parse_args(Args, argv, PRETRAINED)
     check_args(args)
     started = time.time()
     methods = parse_list(args.methods, "methods")
     seeds = parse_list(args.seeds, "seeds", int)
     out_root = args.out_dir or "runs/05_unified"
-    device = None if args.report_only else common.resolve_device(args.device)  # a bad --device fails before any output
+    device = None if args.report_only else plumbing.resolve_device(args.device)  # a bad --device fails before any output
     print("The unified paradigm, eq. (5): each method is a data source, a reward and a gradient coefficient\n")
     print(paradigm_table(methods) + "\n")
     if not args.report_only:
-        sft_model, tokenizer = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
+        sft_model, tokenizer = plumbing.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
         sft_model.eval().requires_grad_(False)  # pi_sft: the start of every method, pi_ref, and RFT/DPO's sampler
         evaluate = lambda model: common.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k,
                                                  args.temperature, args.max_new_tokens)
         for seed in seeds:
-            log = common.MetricsLog(f"{out_root}/seed{seed}")
+            log = plumbing.MetricsLog(f"{out_root}/seed{seed}")
             common.set_seed(seed)
             log.write({"method": "SFT model", "final": True, "seed": seed, "after": evaluate(sft_model)})
             offline = None
@@ -728,7 +729,7 @@ def main(argv=None):
                 del policy
         print(f"\nThe comparison: {len(methods)} methods x {len(seeds)} seeds, {args.steps} updates of "
               f"{args.batch_size} questions x {args.group_size} outputs each, on {device}, {time.time() - started:.0f}s; "
-              + common.peak_memory(device))
+              + plumbing.peak_memory(device))
     final, curves, costs = read_runs(out_root, seeds)
     checked = report(final, curves, costs, args, seeds)
     return {"final": final, "curves": curves, "costs": costs, "findings": checked, "out_dir": out_root}

@@ -134,11 +134,12 @@ def maj_pass_figure(files: list[str], out: str, title: str, plt):
     print(f"wrote {out}: Maj@K and Pass@K for K = {ks}, {len(found)} file(s)")
     if len(found) > 1:  # the gains over seeds, judged by the course's criterion
         import common
+        import plumbing
 
         print(f"\nGain after GRPO at each K, mean ± std over {len(found)} runs. The paper's finding (Figure 7) is "
               f"that RL raises Maj@K and not Pass@K. The bracket judges the gap Maj@K gain - Pass@K gain > 0, "
               f"which a falling Pass@K can make positive while Maj@K stays flat: read the Maj@K gain column for "
-              f"the finding itself [{common.VERDICT_RULE}]:\n")
+              f"the finding itself [{plumbing.VERDICT_RULE}]:\n")
         print("| split | K | Maj@K gain | Pass@K gain | Maj@K gain - Pass@K gain [verdict on the gap] |\n|---|---|---|---|---|")
         show = lambda xs: f"{100 * statistics.mean(xs):+.1f} ± {100 * statistics.stdev(xs):.1f} pts"
         for split in splits:
@@ -147,7 +148,7 @@ def maj_pass_figure(files: list[str], out: str, title: str, plt):
                 gain = {kind: [r["maj_pass"][after][f"{kind}@{k}"] - r["maj_pass"][before][f"{kind}@{k}"] for r in found]
                         for kind in ("maj", "pass")}
                 gap = [m - p for m, p in zip(gain["maj"], gain["pass"])]
-                verdict = "equal by definition at K = 1" if k == 1 else common.verdict(gap)
+                verdict = "equal by definition at K = 1" if k == 1 else plumbing.verdict(gap)
                 print(f"| {split} | {k} | {show(gain['maj'])} | {show(gain['pass'])} | {show(gap)} [{verdict}] |")
     return out
 

@@ -19,6 +19,7 @@ import importlib.util
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,30 +66,34 @@ def main():
     for label, repo in (v.split("=", 1) for v in args.versions):
         common = load_module(f"{repo}/common.py", f"common_{label}")
         sys.modules["common"] = common  # the lesson file imports `common`: this version's
+        # and `plumbing` where that version has one (earlier versions kept it all in common.py)
+        has_plumbing = Path(f"{repo}/plumbing.py").exists()
+        plumbing_v = load_module(f"{repo}/plumbing.py", f"plumbing_{label}") if has_plumbing else common
+        sys.modules["plumbing"] = plumbing_v
         lesson = load_module(f"{repo}/02_grpo_outcome.py", f"lesson02_{label}")
         # the lesson calls token_logprobs_by_length where it exists (which calls token_logprobs): time the outer call
         log_probs = "token_logprobs_by_length" if hasattr(common, "token_logprobs_by_length") else "token_logprobs"
         common.sample = timed(common.sample, "sample")
         setattr(common, log_probs, timed(getattr(common, log_probs), None))
-        versions[label] = (common, lesson)
+        versions[label] = (common, lesson, plumbing_v)
     torch.Tensor.backward = timed(torch.Tensor.backward, "backward")
 
     from transformers import AutoModelForCausalLM
-    common, lesson = versions[list(versions)[-1]]
-    device = common.resolve_device(args.device)
+    common, lesson, plumbing = versions[list(versions)[-1]]
+    device = plumbing.resolve_device(args.device)
     sft_steps = args.sft_steps if args.sft_steps >= 0 else (
-        common.SFT_STEPS if args.model == "tiny" else getattr(lesson, "PRETRAINED", {}).get("sft_steps", common.SFT_STEPS))
-    ref_policy, tokenizer = common.load_policy(args.model, sft_steps, device)
+        plumbing.SFT_STEPS if args.model == "tiny" else getattr(lesson, "PRETRAINED", {}).get("sft_steps", plumbing.SFT_STEPS))
+    ref_policy, tokenizer = plumbing.load_policy(args.model, sft_steps, device)
     ref_policy.eval().requires_grad_(False)
     for start_from in ["pi_sft"] + ([args.late_model] if args.late_model else []):
         policies, rows = {}, {}
         for label in versions:
-            policy = (copy.deepcopy(ref_policy) if start_from == "pi_sft" else common._prepare(
+            policy = (copy.deepcopy(ref_policy) if start_from == "pi_sft" else plumbing._prepare(
                 AutoModelForCausalLM.from_pretrained(start_from, dtype=torch.float32), tokenizer, device))
             policies[label] = (policy.requires_grad_(True), torch.optim.Adam(policy.parameters(), lr=1e-4))
             rows[label] = collections.defaultdict(list)
         for step in range(args.steps + 1):  # step 0 is a warm-up
-            for label, (common_v, lesson) in versions.items():
+            for label, (common_v, lesson, _) in versions.items():
                 pieces = current["pieces"] = collections.defaultdict(float)
                 common_v.set_seed(step)
                 questions = common_v.train_problems(step)

@@ -68,6 +68,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import plumbing  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("lesson_02", REPO / "02_grpo_outcome.py")
 lesson_02 = importlib.util.module_from_spec(_spec)
@@ -100,25 +101,25 @@ def grpo_config(args, out_dir: str, device: torch.device, n_steps: int):
 
 
 def main(argv=None):
-    args = common.parse_args(lesson_02.Args, argv, lesson_02.PRETRAINED)  # and lesson 02's bounds on each flag
+    args = plumbing.parse_args(lesson_02.Args, argv, lesson_02.PRETRAINED)  # and lesson 02's bounds on each flag
     if args.kl_estimator != "k3":
-        common.fail(f"--kl_estimator {args.kl_estimator}: TRL's GRPOTrainer has only k3 (eq. (4)): drop the flag")
+        plumbing.fail(f"--kl_estimator {args.kl_estimator}: TRL's GRPOTrainer has only k3 (eq. (4)): drop the flag")
     try:
         from transformers import TrainerCallback
         from trl import GRPOTrainer
         import datasets
     except ImportError as error:
-        common.fail(f"this script needs trl ({error.name} is missing): pip install trl==1.16.0")
+        plumbing.fail(f"this script needs trl ({error.name} is missing): pip install trl==1.16.0")
     started = time.time()
-    device = common.resolve_device(args.device)
+    device = plumbing.resolve_device(args.device)
     common.set_seed(args.seed)
     out_dir = args.out_dir or f"runs/trl_grpo/seed{args.seed}"
 
-    policy, tokenizer = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
+    policy, tokenizer = plumbing.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
     evaluate = lambda: common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
                                        args.temperature, args.max_new_tokens)
     before = evaluate()
-    print(common.results_table({"SFT model": before}))
+    print(plumbing.results_table({"SFT model": before}))
 
     # Lesson 02's questions in lesson 02's order: step s takes questions s*B .. s*B+B-1
     common.set_seed(args.seed)
@@ -139,16 +140,16 @@ def main(argv=None):
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i // args.mu + 1) / max(1, args.warmup_steps)))
-    log = common.MetricsLog(out_dir)
+    log = plumbing.MetricsLog(out_dir)
 
     class LessonMetrics(TrainerCallback):
         """Each optimiser step's TRL log as one lesson-02 record (the same keys), with its wall time."""
 
         def on_step_begin(self, *_, **__):
-            self.t0 = common.clock(device)
+            self.t0 = plumbing.clock(device)
 
         def on_step_end(self, *_, **__):
-            self.step_time = common.clock(device) - self.t0
+            self.step_time = plumbing.clock(device) - self.t0
 
         def on_log(self, _args, state, _control, logs=None, **__):
             if not logs or "reward" not in logs:
@@ -165,18 +166,18 @@ def main(argv=None):
     trainer.train()
     policy = trainer.model.eval()
 
-    memory = common.peak_memory(device)  # as lesson 02 reads it: training and the evaluation before it
+    memory = plumbing.peak_memory(device)  # as lesson 02 reads it: training and the evaluation before it
     after = evaluate()
     policy.save_pretrained(f"{out_dir}/model")
     tokenizer.save_pretrained(f"{out_dir}/model")
     log.write({"final": True, "before": before, "after": after, "memory": memory, "wall_time": time.time() - started})
     print(f"\nTRL GRPOTrainer, {args.steps} steps of {args.batch_size} questions x G={args.group_size} "
           f"on {device}, {time.time() - started:.0f}s")
-    print(common.results_table({"SFT model": before, "after TRL GRPO": after}))
+    print(plumbing.results_table({"SFT model": before, "after TRL GRPO": after}))
     print(memory)
     result = {"before": before, "after": after, "out_dir": out_dir, "memory": memory}
     if args.maj_pass_k:
-        ref_policy = common.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)[0]
+        ref_policy = plumbing.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)[0]
         result["maj_pass"] = lesson_02.maj_pass_report(policy, ref_policy, tokenizer, args, log)
     return result
 

@@ -30,22 +30,22 @@ TINY = ["--sft_steps", "20", "--steps", "2", "--batch_size", "2", "--group_size"
 @pytest.fixture(scope="session")
 def sft_policy(cache_dir):
     """The course's default SFT model (built once per test session, about a minute on a 2-core CPU)."""
-    import common
+    import plumbing
 
-    return common.load_policy("tiny", common.SFT_STEPS, "cpu", cache_dir)
+    return plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu", cache_dir)
 
 
 @pytest.fixture
 def no_model(monkeypatch):
     """Fail a test whose main() gets as far as loading a model: a bad option must stop it before any work."""
-    import common
+    import plumbing
 
-    monkeypatch.setattr(common, "load_policy",
+    monkeypatch.setattr(plumbing, "load_policy",
                         lambda *a, **kw: pytest.fail("a model was loaded: the bad option got through"))
 
 
 def error_line(main, argv, capsys) -> str:
-    """The one line main(argv) stops with: common.fail's "error: ...", or argparse's usage error (exit code 2:
+    """The one line main(argv) stops with: plumbing.fail's "error: ...", or argparse's usage error (exit code 2:
     the usage, then "prog: error: ..." on stderr). No traceback, one "error:" line."""
     with pytest.raises(SystemExit) as stop:
         main(argv)

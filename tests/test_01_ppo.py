@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import common
+
+import plumbing
 from conftest import TINY_PI_SFT, error_line, load_lesson
 
 ppo = load_lesson("01_ppo")
@@ -130,11 +132,11 @@ def test_whiten_over_valid_tokens():
 
 def test_value_model_reads_the_state_before_each_token(tmp_path):
     """V(s_t) depends on q and o_<t only: changing o_t leaves V(s_t) alone and changes V(s_{t+1})."""
-    tokenizer = common.build_char_tokenizer()
-    common.build_tiny_model(tokenizer, seed=0).save_pretrained(tmp_path)
+    tokenizer = plumbing.build_char_tokenizer()
+    plumbing.build_tiny_model(tokenizer, seed=0).save_pretrained(tmp_path)
     value_model = ppo.load_value_model(str(tmp_path), "cpu").eval()
     assert sum(p.numel() for p in value_model.parameters()) >= 0.99 * sum(
-        p.numel() for p in common.build_tiny_model(tokenizer, seed=0).parameters())  # as large as the policy
+        p.numel() for p in plumbing.build_tiny_model(tokenizer, seed=0).parameters())  # as large as the policy
     torch.nn.init.normal_(value_model.score.weight)  # the head starts at 0; give it something to show
     batch = common.build_batch(tokenizer, ["7+5\n", "1+1\n"], ["7+5=12\n", "1+1=3\n"], "cpu")
     with torch.no_grad():
@@ -173,7 +175,7 @@ def test_bad_arguments_are_one_line_errors(flag, value, message, tmp_path, capsy
 
 def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):
     # the 20-step SFT model is a cached prerequisite shared by every lesson's test: build it off the clock
-    common.load_policy("tiny", sft_steps=20, device="cpu", cache_dir=cache_dir)
+    plumbing.load_policy("tiny", sft_steps=20, device="cpu", cache_dir=cache_dir)
     started = time.time()
     result = ppo.main(["--sft_steps", "20", "--cache_dir", cache_dir, "--steps", "2", "--batch_size", "2",
                        "--minibatch_size", "1", "--ppo_epochs", "2", "--eval_test", "4", "--eval_ood", "2",

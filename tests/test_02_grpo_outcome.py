@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import common
+
+import plumbing
 from conftest import TINY, TINY_PI_SFT, error_line, load_lesson
 
 grpo = load_lesson("02_grpo_outcome")
@@ -86,7 +88,7 @@ def test_loss_normalises_per_output_then_over_outputs_and_adds_kl():
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--lr", "-1"], "error: --lr -1.0: the learning rate must be finite and > 0"),
+    (["--lr", "-1"], "error: --lr -1.0: must be > 0"),
     (["--lr", "nan"], "error: --lr nan: must be a finite number"),
     (["--beta", "inf"], "error: --beta inf: must be a finite number"),
     (["--k", "-1"], "error: --k -1: must be >= 0"), (["--eval_test", "-5"], "error: --eval_test -5: must be >= 0"),
@@ -158,7 +160,7 @@ def test_qwen2_model_with_byte_level_bpe_runs_through_model_path(tmp_path, cache
                                "--sft_steps", "5"])
     assert set(result["after"]) == {"test_greedy", "test_maj@2", "test_pass@2", "ood_greedy"}
     # the step ends found from BPE tokens line up with the verifier's lines
-    policy, tok = common.load_policy(str(path), sft_steps=5, cache_dir=cache_dir)
+    policy, tok = plumbing.load_policy(str(path), sft_steps=5, cache_dir=cache_dir)
     assert type(policy).__name__ == "Qwen2ForCausalLM"
     batch = common.sample(policy, tok, ["7+5*3-9\n"], group_size=8, max_new_tokens=24)
     for t, ends in zip(batch.texts, batch.step_ends):

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 import common
+
+import plumbing
 from conftest import TINY, TINY_PI_SFT, checksum, error_line, load_lesson
 
 lesson = load_lesson("03_grpo_process")
@@ -18,7 +20,7 @@ PROBLEM = {"question": "7+5*3-9", "start": 7, "ops": [("+", 5), ("*", 3), ("-", 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return common.build_char_tokenizer()
+    return plumbing.build_char_tokenizer()
 
 
 def reference_advantages(rewards, index, group_size, T):
@@ -116,7 +118,7 @@ def test_zero_advantage_after_the_last_step_and_matches_loop_reference():
     for i, ends in enumerate(index):
         assert (A[i, ends[-1] + 1:] == 0).all()  # the EOS and padding after the last step end
     # in a real batch: the EOS of a complete output carries no advantage, that of one cut short its missing steps
-    tok = common.build_char_tokenizer()
+    tok = plumbing.build_char_tokenizer()
     texts = ["7+5=12\n12*3=36\n36-9=27\n#### 27\n", "7+5=12\n12*3=36\n36-9=26\n#### 26\n", "7+5=13\n"]
     batch = common.build_batch(tok, ["7+5*3-9\n"] * 3, texts, "cpu")
     R, idx = lesson.step_rewards([PROBLEM], batch, 3)
@@ -167,7 +169,7 @@ def test_bad_arguments_are_one_line_errors(extra, message, capsys, no_model):
 
 
 def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):
-    common.load_policy("tiny", int(TINY[TINY.index("--sft_steps") + 1]), "cpu", cache_dir)  # pi_sft, not timed
+    plumbing.load_policy("tiny", int(TINY[TINY.index("--sft_steps") + 1]), "cpu", cache_dir)  # pi_sft, not timed
     started = time.time()
     # both supervisions, so the comparison path runs too: SFT, outcome and process, each evaluated
     result = lesson.main(TINY + ["--supervision", "both", "--k", "0", "--cache_dir", cache_dir,
@@ -206,7 +208,7 @@ def run_spying_on_train(cache_dir, tmp_path, monkeypatch, *extra):
 def test_both_supervisions_start_from_pi_sft(cache_dir, tmp_path, monkeypatch):
     """--supervision both: the process run starts from a fresh pi_sft, not from the outcome run's policy,
     and pi_ref stays pi_sft for both."""
-    sft = checksum(common.load_policy("tiny", common.SFT_STEPS, "cpu")[0])
+    sft = checksum(plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu")[0])
     _, calls = run_spying_on_train(cache_dir, tmp_path, monkeypatch, "--supervision", "both")
     assert len(calls) == 2
     assert calls[0]["end"] != sft  # the outcome run moved its policy (else this test could not tell)

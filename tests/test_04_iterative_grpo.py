@@ -10,6 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
+
+import plumbing
 from conftest import TINY, TINY_PI_SFT, checksum, error_line, load_lesson
 
 lesson = load_lesson("04_iterative_grpo")
@@ -45,7 +47,7 @@ class ScriptedRM(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def sft(cache_dir):
-    return common.load_policy("tiny", sft_steps=20, device="cpu", cache_dir=cache_dir)
+    return plumbing.load_policy("tiny", sft_steps=20, device="cpu", cache_dir=cache_dir)
 
 
 def tagged(source: str, n: int) -> list:
@@ -136,7 +138,7 @@ def test_main_with_a_constant_reward_model_never_moves_the_policy(cache_dir, tmp
     assert len(steps) == 4 and all(r["adv_abs"] == 0 and r["zero_adv_groups"] == 1 for r in steps)
     assert any(0 < r["accuracy"] < 1 for r in steps)  # the verifier would have given this run a signal
     trained = AutoModelForCausalLM.from_pretrained(Path(out["out_dir"]) / "model").state_dict()
-    for name, weights in common.load_policy("tiny", common.SFT_STEPS, "cpu")[0].state_dict().items():
+    for name, weights in plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu")[0].state_dict().items():
         assert torch.equal(weights, trained[name]), name
 
 
@@ -233,7 +235,7 @@ def test_grpo_copies_match_lesson_02():
 
 
 def test_examples_from_batch_keep_the_unpadded_tokens_and_collate_rebuilds_the_batch():
-    tokenizer = common.build_char_tokenizer()
+    tokenizer = plumbing.build_char_tokenizer()
     prompts, texts = ["7+5*3-9\n", "1+1\n", "2*3+4\n"], [RIGHT, "", "2*3=6\n"]
     batch = common.build_batch(tokenizer, prompts, texts, "cpu")
     examples = lesson.examples_from_batch(batch, [True, False, False])
@@ -260,7 +262,7 @@ def test_reference_is_reset_to_the_current_policy_each_iteration(cache_dir, tmp_
     monkeypatch.setattr(lesson, "reset_reference", lambda policy: refs.append(
         (checksum(policy), real_reset(policy))) or refs[-1][1])
     run_tiny(cache_dir, tmp_path, *(["--frozen_rm"] if frozen else []))
-    sft = checksum(common.load_policy("tiny", sft_steps=20, device="cpu", cache_dir=cache_dir)[0])
+    sft = checksum(plumbing.load_policy("tiny", sft_steps=20, device="cpu", cache_dir=cache_dir)[0])
     assert [c for c, _ in refs] == ([sft] if frozen else [sft, refs[1][0]])
     if not frozen:
         assert refs[1][0] != sft  # iteration 1 moved the policy: the second reference is a new one
@@ -291,11 +293,11 @@ def test_main_retrains_r_phi_on_new_data_replaying_the_earlier_history(cache_dir
 def test_pi_old_is_held_across_grpo_iterations(monkeypatch):
     """--mu 3 in lesson 04's grpo_step (rewards from a scripted r_phi that tells the outputs apart): the three
     updates on one sampled batch share pi_old's log-probs, those of the first pass before any update."""
-    policy, tokenizer = common.load_policy("tiny", common.SFT_STEPS, "cpu")  # the shipped pi_sft
+    policy, tokenizer = plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu")  # the shipped pi_sft
     seen, real_loss = [], lesson.grpo_loss
     monkeypatch.setattr(lesson, "grpo_loss", lambda logp, old_logp, *a: seen.append(
         (logp.detach().clone(), old_logp.clone())) or real_loss(logp, old_logp, *a))
-    args = common.parse_args(lesson.Args, ["--group_size", "4", "--mu", "3", "--max_new_tokens", "40"])
+    args = plumbing.parse_args(lesson.Args, ["--group_size", "4", "--mu", "3", "--max_new_tokens", "40"])
     common.set_seed(0)
     rm = ScriptedRM(row_logits=torch.linspace(-2, 2, 16))  # 4 questions x G=4
     lesson.grpo_step(policy, lesson.reset_reference(policy), rm, tokenizer, torch.optim.Adam(policy.parameters(), lr=1e-3),

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import common
+
+import plumbing
 from conftest import TINY, error_line, load_lesson
 
 L = load_lesson("05_unified")
@@ -25,9 +27,9 @@ G = 2
 @pytest.fixture(scope="module")
 def tiny():
     """A random tiny policy, a different random tiny reference, and a batch of the texts above."""
-    tokenizer = common.build_char_tokenizer()
-    policy = common.build_tiny_model(tokenizer, seed=0).eval()
-    ref = common.build_tiny_model(tokenizer, seed=1).eval().requires_grad_(False)
+    tokenizer = plumbing.build_char_tokenizer()
+    policy = plumbing.build_tiny_model(tokenizer, seed=0).eval()
+    ref = plumbing.build_tiny_model(tokenizer, seed=1).eval().requires_grad_(False)
     prompts = [common.prompt_text(PROBLEMS[i // G]) for i in range(len(TEXTS))]
     batch = common.build_batch(tokenizer, prompts, TEXTS, "cpu")
     return policy, ref, tokenizer, batch
@@ -323,7 +325,7 @@ def test_outcome_copies_match_lesson_02():
 
 def test_process_advantages_match_lesson_03():
     lesson03 = load_lesson("03_grpo_process")
-    tokenizer = common.build_char_tokenizer()
+    tokenizer = plumbing.build_char_tokenizer()
     problems = [PROBLEM, OTHER, THIRD]
     rng = random.Random(0)
     for G in (2, 3, 4):
@@ -365,7 +367,7 @@ def test_unified_loss_normalisers_worked_example():
 def test_dpo_pairs_uneven_all_right_all_wrong_groups():
     """Each question pairs its right outputs with its wrong ones one to one, in order, never across questions:
     [R W W W] -> one pair; [R R R W] -> one; all right or all wrong -> none; [W R W R] -> two."""
-    tokenizer = common.build_char_tokenizer()
+    tokenizer = plumbing.build_char_tokenizer()
     problems = common.make_split("test", 5)
     right = lambda p: common.solution_text(p)
     wrong = lambda p: f"#### {p['answer'] + 1}\n"

@@ -7,11 +7,13 @@ import torch.nn.functional as F
 
 import common
 
+import plumbing
+
 
 @pytest.fixture(scope="module")
 def tiny():
-    tokenizer = common.build_char_tokenizer()
-    model = common.build_tiny_model(tokenizer, seed=0).eval()
+    tokenizer = plumbing.build_char_tokenizer()
+    model = plumbing.build_tiny_model(tokenizer, seed=0).eval()
     return model, tokenizer
 
 
@@ -168,7 +170,7 @@ def test_majority_vote():
 
 def test_evaluate_counts_a_perfect_model(monkeypatch):
     """evaluate() on a stand-in sampler that always writes the right solution gives 100% everywhere."""
-    tokenizer = common.build_char_tokenizer()
+    tokenizer = plumbing.build_char_tokenizer()
     problems = {p["question"]: p for p in common.make_split("test", 8) + common.make_split("ood", 8)}
 
     def oracle(model, tokenizer, prompts, group_size=1, temperature=1.0, max_new_tokens=64, greedy=False):
@@ -182,12 +184,12 @@ def test_evaluate_counts_a_perfect_model(monkeypatch):
 
 def test_bad_device_and_missing_model_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="--device 'gpu0'"):
-        common.resolve_device("gpu0")
+        plumbing.resolve_device("gpu0")
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="torch sees none"):
-            common.resolve_device("cuda")
+            plumbing.resolve_device("cuda")
     with pytest.raises(SystemExit, match="does not exist"):
-        common.load_policy(str(tmp_path / "no-such-model"), sft_steps=0, cache_dir=tmp_path)
+        plumbing.load_policy(str(tmp_path / "no-such-model"), sft_steps=0, cache_dir=tmp_path)
 
 
 def test_token_logprobs_are_the_distribution_generate_samples_from(tiny):
@@ -210,7 +212,7 @@ def test_token_logprobs_are_the_distribution_generate_samples_from(tiny):
 
 def test_sample_draws_token_for_token_what_generate_draws():
     """common.sample's own loop (rows leave the batch at EOS) gives generate's samples under the same seed."""
-    model, tokenizer = common.load_policy("tiny", common.SFT_STEPS, "cpu")  # pi_sft: rows end at different lengths
+    model, tokenizer = plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu")  # pi_sft: rows end at different lengths
     prompts = [common.prompt_text(p) for p in common.make_split("test", 12)]
     enc = tokenizer([p for p in prompts for _ in range(4)], return_tensors="pt", padding=True, padding_side="left")
     for how in (dict(do_sample=True, temperature=1.0), dict(do_sample=True, temperature=0.7), dict(do_sample=False)):
@@ -250,15 +252,15 @@ def test_token_logprobs_by_length_equal_one_pass(tiny):
 
 def test_the_shipped_pi_sft_is_current():
     """pi_sft/ was built by the code as it is now: a change to the task, the model or the SFT loop must
-    come with `python common.py` (which rebuilds pi_sft/) in the same commit."""
+    come with `python plumbing.py` (which rebuilds pi_sft/) in the same commit."""
     import json
 
-    built = json.loads((common.SHIPPED_SFT / "build.json").read_text())
-    assert built["code_fingerprint"] == common.sft_code_fingerprint(), \
-        "the code that builds pi_sft changed: rebuild it with `python common.py` and commit pi_sft/"
-    assert (built["sft_steps"], built["seed"]) == (common.SFT_STEPS, 0)
-    policy, _ = common.load_policy("tiny", common.SFT_STEPS, "cpu")
-    assert policy.name_or_path == str(common.SHIPPED_SFT)  # the default loads the shipped weights, builds nothing
+    built = json.loads((plumbing.SHIPPED_SFT / "build.json").read_text())
+    assert built["code_fingerprint"] == plumbing.sft_code_fingerprint(), \
+        "the code that builds pi_sft changed: rebuild it with `python plumbing.py` and commit pi_sft/"
+    assert (built["sft_steps"], built["seed"]) == (plumbing.SFT_STEPS, 0)
+    policy, _ = plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu")
+    assert policy.name_or_path == str(plumbing.SHIPPED_SFT)  # the default loads the shipped weights, builds nothing
 
 
 def test_rebuilding_pi_sft_gives_the_shipped_one(tmp_path):
@@ -275,29 +277,29 @@ def test_rebuilding_pi_sft_gives_the_shipped_one(tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "pi_sft"
-    subprocess.run([sys.executable, str(common.REPO / "common.py"), str(out)], check=True,
+    subprocess.run([sys.executable, str(plumbing.REPO / "plumbing.py"), str(out)], check=True,
                    env={**__import__("os").environ, "TQDM_DISABLE": "1"})
-    shipped, rebuilt = (json.loads((p / "build.json").read_text()) for p in (common.SHIPPED_SFT, out))
+    shipped, rebuilt = (json.loads((p / "build.json").read_text()) for p in (plumbing.SHIPPED_SFT, out))
     assert abs(rebuilt["test_greedy"] - shipped["test_greedy"]) <= 0.10, (rebuilt, shipped)
     assert rebuilt["code_fingerprint"] == shipped["code_fingerprint"], (rebuilt, shipped)
-    a, b = load_file(common.SHIPPED_SFT / "model.safetensors"), load_file(out / "model.safetensors")
+    a, b = load_file(plumbing.SHIPPED_SFT / "model.safetensors"), load_file(out / "model.safetensors")
     print("largest weight difference, rebuilt vs shipped:", max((a[k] - b[k]).abs().max().item() for k in a))
 
 
 def test_verdict_follows_the_stated_rule():
     # reproduced: the paper's sign on every seed and mean >= 2 std (mean 0.11, std 0.01)
-    assert common.verdict([0.10, 0.12, 0.11]) == "reproduced"
+    assert plumbing.verdict([0.10, 0.12, 0.11]) == "reproduced"
     # contradicted: the mirror image
-    assert common.verdict([-0.10, -0.12, -0.11]) == "contradicted"
+    assert plumbing.verdict([-0.10, -0.12, -0.11]) == "contradicted"
     # every seed positive but the spread is large: mean 0.12, std 0.16; and its mirror
-    assert common.verdict([0.05, 0.01, 0.30]) == "inconclusive"
-    assert common.verdict([-0.05, -0.01, -0.30]) == "inconclusive"
+    assert plumbing.verdict([0.05, 0.01, 0.30]) == "inconclusive"
+    assert plumbing.verdict([-0.05, -0.01, -0.30]) == "inconclusive"
     # a null result is inconclusive whichever sign its mean has (+0.5 +- 4.4 and -0.7 +- 3.3)
-    assert common.verdict([0.10, -0.02, 0.30]) == "inconclusive"
-    assert common.verdict([-0.10, 0.02, 0.01]) == "inconclusive"
+    assert plumbing.verdict([0.10, -0.02, 0.30]) == "inconclusive"
+    assert plumbing.verdict([-0.10, 0.02, 0.01]) == "inconclusive"
     # a float residue is no difference (0.3 - 0.1 - 0.2 = -2.8e-17), not a sign
-    assert common.verdict([0.3 - 0.1 - 0.2] * 3) == "inconclusive"
-    assert common.verdict([0.2]) == "inconclusive, 1 seed" == common.verdict([-0.2])
+    assert plumbing.verdict([0.3 - 0.1 - 0.2] * 3) == "inconclusive"
+    assert plumbing.verdict([0.2]) == "inconclusive, 1 seed" == plumbing.verdict([-0.2])
 
 
 def test_answers_in_non_ascii_digits_are_graded_wrong():
@@ -316,7 +318,7 @@ def scripted_sampler(greedy_right, sampled_right, k, calls):
     """A stand-in for common.sample: greedy outputs are right for the questions in `greedy_right`; the k
     samples of a question q are right where sampled_right(q) says so (a list of k bools), wrong answers
     all the same number (so a majority of wrong samples agrees on it). Records every call."""
-    tokenizer = common.build_char_tokenizer()
+    tokenizer = plumbing.build_char_tokenizer()
     problems = {p["question"]: p for p in common.make_split("test", 16) + common.make_split("ood", 16)}
 
     def text(p, right):

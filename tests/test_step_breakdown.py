@@ -5,11 +5,13 @@ import sys
 
 import common
 
-SCRIPT = str(common.REPO / "docs" / "step_breakdown.py")
+import plumbing
+
+SCRIPT = str(plumbing.REPO / "docs" / "step_breakdown.py")
 
 
 def test_times_every_piece_of_a_step():
-    out = subprocess.run([sys.executable, SCRIPT, f"now={common.REPO}", "--steps", "1"], capture_output=True,
+    out = subprocess.run([sys.executable, SCRIPT, f"now={plumbing.REPO}", "--steps", "1"], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("from pi_sft, now:")]

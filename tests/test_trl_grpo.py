@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import common
+
+import plumbing
 from conftest import REPO, TINY, error_line, load_lesson
 
 pytest.importorskip("trl", reason="trl is an optional install (pip install trl==1.16.0); CI installs it")
@@ -23,8 +25,8 @@ def test_trls_loss_with_our_mapping_is_lesson_02s_loss(loss_agg, tmp_path):
     import datasets
     from trl import GRPOTrainer
 
-    policy, tokenizer = common.load_policy("tiny", common.SFT_STEPS, "cpu")  # TRL loads pi_ref from its folder
-    args = common.parse_args(grpo.Args, ["--loss_agg", loss_agg, "--max_new_tokens", "30", "--group_size", "4",
+    policy, tokenizer = plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu")  # TRL loads pi_ref from its folder
+    args = plumbing.parse_args(grpo.Args, ["--loss_agg", loss_agg, "--max_new_tokens", "30", "--group_size", "4",
                                          "--batch_size", "3", "--beta", "0.5"])
     with torch.no_grad():  # move pi_theta away from pi_ref, so the KL term is not 0
         for p in policy.parameters():
