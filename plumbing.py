@@ -227,11 +227,11 @@ def load_policy(model: str = "tiny", sft_steps: int = SFT_STEPS, device="cpu", c
     """The SFT model pi_sft and its tokenizer: the starting point (and reference) of every lesson.
 
     The default (model="tiny", SFT_STEPS steps, seed 0) is the pi_sft committed in ./pi_sft, so
-    every user starts from the same weights. Anything else is built the first time: "tiny" builds the
-    course's character-level Llama, "smollm2" is SmolLM2-135M-Instruct, any other name a folder, a
-    .gguf file or a hub id; then `sft_steps` steps of supervised fine-tuning on demonstrations (in
-    micro-batches of micro_batch_size outputs, 0: the whole batch), saved to `cache_dir` under a key
-    of everything that decides the weights, and loaded from there every later time.
+    every user starts from the same weights. Anything else is built the first time: "tiny" builds
+    the course's character-level Llama, "smollm2" is SmolLM2-135M-Instruct, any other name a
+    folder, a .gguf file or a hub id; then `sft_steps` steps of supervised fine-tuning on
+    demonstrations (micro-batches of micro_batch_size outputs, 0: the whole batch), saved to
+    `cache_dir` under a key of everything that decides the weights, loaded from there later.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
