@@ -1,8 +1,9 @@
 """Lesson 03: process-supervision advantages against hand-worked groups, and the lesson end to end."""
+import inspect
 import json
 import math
 import random
-import time
+import copy
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,10 @@ def test_zero_advantage_after_the_last_step_and_matches_loop_reference():
 
 
 def test_outcome_mode_matches_lesson_02():
+    """Lesson 02's functions, copied character for character (one body per equation)."""
     lesson02 = load_lesson("02_grpo_outcome")
+    for name in ("outcome_rewards", "grpo_outcome_advantages", "kl_k3", "grpo_loss"):
+        assert inspect.getsource(getattr(lesson, name)) == inspect.getsource(getattr(lesson02, name))
     torch.manual_seed(0)
     for G in (2, 4, 8):
         rewards = (torch.rand(6 * G) < 0.4).float()
@@ -156,7 +160,7 @@ def test_a_token_that_ends_two_steps_gets_both_rewards():
 @pytest.mark.parametrize("extra,message", [
     (["--supervision", "steps"], "--supervision 'steps'"), (["--group_size", "1"], "--group_size 1"),
     (["--warmup_steps", "-1"], "--warmup_steps -1"),
-    (["--lr", "-1"], "error: --lr -1.0: the learning rate must be finite and > 0"),
+    (["--lr", "-1"], "error: --lr -1.0: must be > 0"),
     (["--lr", "nan"], "error: --lr nan: must be a finite number"),
     (["--k", "-1"], "error: --k -1: must be >= 0"), (["--eval_test", "-5"], "error: --eval_test -5: must be >= 0"),
     (["--grop_size", "4"], "error: unrecognized arguments: --grop_size 4"),
@@ -169,12 +173,9 @@ def test_bad_arguments_are_one_line_errors(extra, message, capsys, no_model):
 
 
 def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path):
-    plumbing.load_policy("tiny", int(TINY[TINY.index("--sft_steps") + 1]), "cpu", cache_dir)  # pi_sft, not timed
-    started = time.time()
     # both supervisions, so the comparison path runs too: SFT, outcome and process, each evaluated
     result = lesson.main(TINY + ["--supervision", "both", "--k", "0", "--cache_dir", cache_dir,
                                  "--out_dir", str(tmp_path)])
-    assert time.time() - started < 60
     assert set(result["after"]) == {"outcome", "process"}
     for supervision in ("outcome", "process"):
         lines = [json.loads(l) for l in (Path(tmp_path) / supervision / "metrics.jsonl").read_text().splitlines()]
@@ -228,3 +229,32 @@ def test_pi_old_is_held_across_grpo_iterations(cache_dir, tmp_path, monkeypatch)
     (logp0, old0), (logp1, old1), (logp2, old2) = seen
     assert torch.equal(old0, logp0) and torch.equal(old1, old0) and torch.equal(old2, old0)
     assert not torch.allclose(logp1, old0, atol=1e-6) and not torch.allclose(logp2, logp1, atol=1e-6)
+
+
+@pytest.mark.parametrize("supervision", ["outcome", "process"])
+def test_micro_batches_accumulate_the_whole_batch_gradient(sft_policy, supervision):
+    """--micro_batch_size 3 on 8 outputs (chunks of 3, 3, 2, by length) through grpo_step: the
+    accumulated gradient equals the whole batch's (--micro_batch_size 0) within float rounding
+    (atol 1e-6 on gradients of order 1e-2), and so do the logged loss and KL."""
+    policy, tokenizer = sft_policy
+    problems = common.make_split("test", 4)
+    grads, computed = [], []
+    for micro in (0, 3):
+        model = copy.deepcopy(policy)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # a step that moves nothing
+        args = lesson.Args(group_size=2, max_new_tokens=40, micro_batch_size=micro, beta=0.5)
+        common.set_seed(0)
+        computed.append(lesson.grpo_step(model, copy.deepcopy(policy).requires_grad_(False),
+                                         tokenizer, optimizer, problems, args, supervision))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(computed[0]["advantages"], computed[1]["advantages"])  # the same batch
+    assert grads[0].abs().max() > 1e-3  # the groups have signal: a real gradient is compared
+    assert torch.allclose(grads[1], grads[0], atol=1e-6, rtol=1e-4)
+    for key in ("loss", "kl", "clip_frac"):
+        assert computed[1][key] == pytest.approx(computed[0][key], abs=1e-6)
+
+
+def test_runs_that_differ_in_one_option_keep_two_logs():
+    folders = {plumbing.run_dir("03_grpo_process", plumbing.parse_args(lesson.Args, argv))
+               for argv in ([], ["--supervision", "both"], ["--train_ops", "5-6"], ["--seed", "1"])}
+    assert len(folders) == 4 and "runs/03_grpo_process/seed0" in folders
