@@ -123,3 +123,82 @@ def test_maj_pass_figure_and_gains(tmp_path, capsys):
     assert "| ood | 2 | +0.0 ± 0.0 pts | -6.0 ± 1.0 pts | +6.0 ± 1.0 pts [reproduced] |" in printed
     with pytest.raises(SystemExit, match="--maj_pass_k 64"):
         plot_curves.main([write_jsonl(tmp_path / "x" / "m.jsonl", [{"step": 1}]), "--maj_pass", "--out", str(out)])
+
+
+def one_line_error(argv) -> str:
+    """The message plot_curves stops with: one line, starting with 'error: '."""
+    with pytest.raises(SystemExit) as exit_info:
+        plot_curves.main(argv)
+    message = str(exit_info.value)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_mean_refuses_methods_with_mismatched_seeds(tmp_path):
+    """Lesson 05 logs: GRPO+OS ran on seeds 0, 1, 2, Online RFT only on 0, 1 (seed 2 stopped early):
+    their means would compare different seeds, so --mean stops; without --mean each line is drawn."""
+    files = []
+    for seed in range(3):
+        methods = ("GRPO+OS", "Online RFT") if seed < 2 else ("GRPO+OS",)
+        rows = [{"method": m, "step": s, "test_greedy": 0.5 + 0.1 * seed} for m in methods
+                for s in (20, 40)]
+        files.append(write_jsonl(tmp_path / "runs" / "05_unified" / f"seed{seed}" / "metrics.jsonl",
+                                 rows))
+    out = str(tmp_path / "05.png")
+    message = one_line_error([*files, "--metrics", "test_greedy", "--mean", "--out", out])
+    assert "mismatched seeds" in message and "seeds 0,1,2" in message and "seeds 0,1:" in message
+    assert "GRPO+OS" in message and "Online RFT" in message
+    plot_curves.main([*files, "--metrics", "test_greedy", "--out", out])  # no average, no refusal
+    # the complete pair of seeds is averaged
+    plot_curves.main([*files[:2], "--metrics", "test_greedy", "--mean", "--out", out])
+
+
+def test_mean_pairs_runs_by_settings_and_seed(tmp_path):
+    """Two settings of lesson 02 (the defaults and --mu 2, as plumbing.run_dir names them): told
+    apart by their folders, and refused with --mean when one has a seed the other has not."""
+    rows = [{"step": s, "kl": 0.01 * s} for s in range(1, 4)]
+    runs = tmp_path / "runs" / "02_grpo_outcome"
+    defaults = [write_jsonl(runs / f"seed{s}" / "metrics.jsonl", rows) for s in range(3)]
+    mu2 = [write_jsonl(runs / f"mu-2_seed{s}" / "metrics.jsonl", rows) for s in range(2)]
+    series = plot_curves.curves(defaults + mu2, "kl")
+    assert {group for group, _ in series} == {None, "mu-2"}
+    assert plot_curves.seed_of(mu2[1]) == 1 and plot_curves.seed_of(defaults[2]) == 2
+    assert plot_curves.settings_of(mu2[0]) == plot_curves.settings_of(mu2[1])
+    assert plot_curves.settings_of(mu2[0]) != plot_curves.settings_of(defaults[0])
+    out = str(tmp_path / "02.png")
+    message = one_line_error([*defaults, *mu2, "--metrics", "kl", "--mean", "--out", out])
+    assert "seeds 0,1,2" in message and "mu-2 seeds 0,1" in message
+    plot_curves.main([*defaults[:2], *mu2, "--metrics", "kl", "--mean", "--out", out])
+    # two lessons' runs whose folders are both seed<N> are not averaged together as one run
+    other = write_jsonl(tmp_path / "runs" / "01_ppo" / "seed1" / "metrics.jsonl", rows)
+    message = one_line_error([defaults[0], other, "--metrics", "kl", "--mean", "--out", out])
+    assert "02_grpo_outcome has seeds 0 and 01_ppo seeds 1" in message
+    assert "more than once" in one_line_error([defaults[0], defaults[0], "--out", out])
+
+
+def test_check_seeds_repeated_and_unnamed():
+    with pytest.raises(SystemExit, match="^error: x: a has seed 0 more than once"):
+        plot_curves.check_seeds({"a": [0, 1, 0]}, "x")
+    with pytest.raises(SystemExit, match="^error: x: a has a run whose folder names no seed"):
+        plot_curves.check_seeds({"a": [0, None]}, "x")
+    plot_curves.check_seeds({"a": [2, 0, 1], "b": [0, 1, 2]}, "x")  # the order does not matter
+
+
+def test_maj_pass_refuses_incomplete_or_mixed_runs(tmp_path):
+    """--maj_pass judges gains over seeds: every file must carry the measurement, come from one
+    settings' runs, each seed once, measured the same way."""
+    sft = {"maj@1": 0.4, "pass@1": 0.4, "maj@2": 0.45, "pass@2": 0.6}
+    line = {"final": True, "ks": [1, 2], "temperature": 0.7, "problems": 10, "maj_pass": {
+        "test, SFT model": sft, "test, after GRPO (outcome)": sft}}
+    runs = tmp_path / "runs" / "02_grpo_outcome"
+    good = [write_jsonl(runs / f"seed{s}" / "metrics.jsonl", [{"step": 1}, line]) for s in range(2)]
+    out = str(tmp_path / "fig7.png")
+    plot_curves.main([*good, "--maj_pass", "--out", out])
+    no_line = write_jsonl(runs / "seed2" / "metrics.jsonl", [{"step": 1}])
+    assert "has no Maj@K / Pass@K line" in one_line_error([*good, no_line, "--maj_pass", "--out", out])
+    mu2 = write_jsonl(runs / "mu-2_seed2" / "metrics.jsonl", [line])
+    assert "different settings" in one_line_error([*good, mu2, "--maj_pass", "--out", out])
+    other_k = write_jsonl(runs / "seed3" / "metrics.jsonl", [{**line, "ks": [1]}])
+    assert "different K" in one_line_error([*good, other_k, "--maj_pass", "--out", out])
+    unnamed = [write_jsonl(tmp_path / name / "metrics.jsonl", [line]) for name in ("a", "b")]
+    assert "different settings" in one_line_error([*unnamed, "--maj_pass", "--out", out])
