@@ -1,449 +1,355 @@
 """Lesson 05: SFT, RFT, DPO, Online RFT, PPO and GRPO as one gradient (DeepSeekMath, section 5.2).
 
-The paper writes every one of these methods as the same gradient, eq. (5):
+Every method is the same gradient, eq. (5):
 
-    grad J_A(theta) = E[(q,o) ~ D] ( 1/|o| sum_t GC_A(q, o, t, pi_rf) * grad log pi_theta(o_t | q, o_<t) )
+    grad J_A(theta) = E[(q,o) ~ D] ( 1/|o| sum_t GC_A(q, o, t, pi_rf) * grad log pi_theta(o_t|..) )
 
-Three things tell the methods apart: the data source D, the reward function pi_rf, and the gradient
-coefficient GC that the algorithm A makes from them:
+The data source D, the reward pi_rf and the gradient coefficient GC tell them apart:
 
     method      data source                          reward   gradient coefficient GC
     SFT         q, o ~ P_sft (demonstrations)        none     1
     RFT         q ~ P_sft, o ~ pi_sft, offline       rule     I(o): 1 if the answer is right, else 0
-    DPO         q ~ P_sft, o+, o- ~ pi_sft, offline  rule     beta * sigma(beta*lr(o-) - beta*lr(o+)), + for o+, - for o-
+    DPO         q ~ P_sft, o+, o- ~ pi_sft, offline  rule     +-beta*sigma(beta*(lr(o-) - lr(o+)))
     Online RFT  q ~ P_sft, o ~ pi_theta, online      rule     I(o)
-    PPO         q ~ P_sft, o ~ pi_theta, online      model*   A_t (GAE with a value model)
-    GRPO        q ~ P_sft, {o_i} ~ pi_theta, online  model*   A_{i,t} + beta * (pi_ref/pi_theta - 1)
+    PPO         q ~ P_sft, o ~ pi_theta, online      rule*    A_t (GAE, a value model; eq. (1), (2))
+    GRPO        q ~ P_sft, {o_i} ~ pi_theta, online  rule*    A_{i,t} + beta * (pi_ref/pi_theta - 1)
 
-    * the paper's PPO and GRPO take a reward model's score; here, as for RFT, the rule (the task's exact
-      verifier) stands in for it. Lesson 04 trains a reward model.
-    lr(o) = 1/|o| sum_t log pi_theta(o_t)/pi_ref(o_t), the per-token-averaged log-ratio of the paper's
-    DPO objective (appendix A.1.4). The GC above is the exact gradient of that objective (eq. (12) of the
-    appendix): one coefficient per output, with beta in front. The paper's table (eq. (14)) writes DPO's
-    row per token and without that beta; this file follows the objective, not the row.
+    * the paper's PPO and GRPO take a reward model's score; the task's exact verifier stands in.
+    lr(o) = 1/|o| sum_t log pi_theta(o_t)/pi_ref(o_t): DPO's GC is the exact gradient of the paper's
+    DPO objective (appendix A.1.4, eq. (12)); the paper's table (eq. (14)) writes it per token
+    and without the beta in front.
 
-So this file has ONE update, `unified_loss`: the loss whose gradient is eq. (5),
+The one update, whose gradient is eq. (5) (--normaliser constant / token: Dr. GRPO / DAPO):
 
     loss = -1/n sum_o 1/|o| sum_t stopgrad(GC_t) * log pi_theta(o_t)
 
-and each method is a few lines in `train_method` that supply its data and call its `gc_*` function.
-The tests check, for every method, that autograd's gradient of the method's own loss (the SFT
-cross-entropy, the RFT objective, the DPO loss, eq. (1) and eq. (3) with pi_old = pi_theta) is the
-gradient of `unified_loss` with that GC. GRPO's GC is where eq. (3) and eq. (4) meet: at pi_old = pi_theta
-the clipped ratio has gradient A_{i,t} grad log pi_theta, and the k3 KL
-pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 has gradient (1 - pi_ref/pi_theta) grad log pi_theta.
-
-Then the paper's comparison at small scale: every method starts from the same SFT model, makes the
-same number of policy updates, each from the same number of outputs (batch_size questions x
-group_size outputs; SFT uses as many demonstrations), over several seeds. It prints the test-accuracy
-curve, a final table (greedy, Maj@K, Pass@K, OOD), the cost of PPO against GRPO, and checks the
-paper's findings one by one.
-
-Choices made here, to keep every method comparable and the run short:
-- every method is rewarded by the task's exact verifier (the paper's PPO and GRPO use a reward model;
-  lesson 04 learns one); GRPO+PS uses the verifier's per-step grades as process rewards.
-- one policy update per batch (pi_old = pi_theta), as the table assumes: the clip never acts.
-- eq. (5)'s 1/|o| is the default normaliser; --normaliser constant (Dr. GRPO) or token (DAPO, TRL's
-  default) changes it for every method alike. With 1/|o|, a right answer given at once (about 8
-  tokens) pushes each of its tokens about four times harder than a right worked solution (about 30):
-  docs/05_unified.md measures what that does to RFT and Online RFT.
-- PPO has a value model as large as the policy (the SFT backbone with a scalar head), the per-token
-  KL reward of eq. (2), GAE, and advantages whitened over the batch (as cleanrl does).
-- RFT and DPO sample their data from pi_sft once, before training, as many outputs as the online
-  methods sample in all; DPO pairs a right with a wrong output of the same question.
-
-Run:  python 05_unified.py                        every method, seeds 0,1,2 (docs/05_unified.md has times)
+Run:  python 05_unified.py                          every method, seeds 0,1,2 (--help: every option)
       python 05_unified.py --methods rft,online_rft --seeds 0
-      python 05_unified.py --seeds 1 & ...            one process per seed, then
-      python 05_unified.py --report_only             the tables and findings of all seeds, from the logs
-      python 05_unified.py --model smollm2 --seeds 0   the real model, for a GPU (docs/real_model.md)
-Each seed writes runs/05_unified/seed<seed>/metrics.jsonl: one line per update with a "method" field
-(test_greedy on the lines of the accuracy checks) and one "final" line per method; the report is read
-back from these files.
+      python 05_unified.py --seeds 1 & ...          one process per seed, then
+      python 05_unified.py --report_only            the tables and findings, from the logs
+      python 05_unified.py --model smollm2 --seeds 0  the real model, a GPU (docs/real_model.md)
 """
 
 import copy
-import inspect
 import json
+import math
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
 
 import common
 import plumbing
+from plumbing import arg
 
-# name on the command line -> (name in the tables, data source, reward)
+# the paper's table: name on the command line -> (name in the tables, data source D, reward, GC)
 METHODS = {
-    "sft": ("SFT", "q, o ~ P_sft(Q, O): demonstrations", "none"),
-    "rft": ("RFT", "q ~ P_sft(Q), o ~ pi_sft(O|q): offline", "rule"),
-    "dpo": ("DPO", "q ~ P_sft(Q), o+, o- ~ pi_sft(O|q): offline pairs", "rule"),
-    "online_rft": ("Online RFT", "q ~ P_sft(Q), o ~ pi_theta(O|q): online", "rule"),
+    "sft": ("SFT", "q, o ~ P_sft(Q, O): demonstrations", "none", "1"),
+    "rft": ("RFT", "q ~ P_sft(Q), o ~ pi_sft(O|q): offline", "rule", "I(o)"),
+    "dpo": ("DPO", "q ~ P_sft(Q), o+, o- ~ pi_sft(O|q): offline pairs", "rule",
+            "+-beta * sigma(beta*lr(o-) - beta*lr(o+))"),
+    "online_rft": ("Online RFT", "q ~ P_sft(Q), o ~ pi_theta(O|q): online", "rule", "I(o)"),
     "ppo": ("PPO", "q ~ P_sft(Q), o ~ pi_theta(O|q): online",
-            "rule (verifier) in place of the paper's reward model, + KL, eq. (2)"),
+            "rule (verifier) in place of the paper's reward model, + KL, eq. (2)", "A_t (GAE)"),
     "grpo_os": ("GRPO+OS", "q ~ P_sft(Q), {o_i} ~ pi_theta(O|q): online",
-                "rule (verifier, outcome) in place of the paper's reward model"),
+                "rule (verifier, outcome) in place of the paper's reward model",
+                "A_{i,t} + beta * (pi_ref/pi_theta - 1)"),
     "grpo_ps": ("GRPO+PS", "q ~ P_sft(Q), {o_i} ~ pi_theta(O|q): online",
-                "rule (verifier, per step) in place of the paper's process reward model"),
+                "rule (verifier, per step) in place of the paper's process reward model",
+                "A_{i,t} + beta * (pi_ref/pi_theta - 1)"),
 }
-
-NORMALISERS = ("output", "constant", "token")
+NEEDS_PI_REF = ("dpo", "ppo", "grpo_os", "grpo_ps")
 
 
 @dataclass
 class Args:
-    normaliser: str = field(default="output", metadata={"help": "what divides each output's sum over its tokens in "
-                                                                 "eq. (5): output (1/|o|, the paper), constant (1/max_new_tokens, "
-                                                                 "Dr. GRPO) or token (1/tokens of the batch, DAPO / TRL)",
-                                                        "choices": NORMALISERS})
-    methods: str = field(default=",".join(METHODS), metadata={"help": "comma-separated subset of " + ",".join(METHODS)})
-    seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds; every method runs once per seed"})
-    model: str = field(default="tiny", metadata={"help": "'tiny' (built in), 'smollm2' (the course's real model, "
-                                                        "SmolLM2-135M-Instruct), a causal LM folder, a .gguf "
-                                                        "file or a hub id"})
-    sft_steps: int = field(default=plumbing.SFT_STEPS, metadata={"help": "SFT warm-start steps that make pi_sft (cached)",
-                                                               "min": 0})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    steps: int = field(default=60, metadata={"help": "policy updates per method (one batch each)", "min": 1})
-    batch_size: int = field(default=16, metadata={"help": "questions per update", "min": 1})
-    group_size: int = field(default=4, metadata={"help": "outputs per question (G of GRPO); SFT takes "
-                                                         "batch_size x group_size demonstrations", "min": 2,
-                                                 "must": "GRPO and DPO need at least 2 outputs per question"})
-    lr: float = field(default=5e-5, metadata={"help": "Adam learning rate of the policy, the same for every method",
-                                              "above": 0, "must": "the learning rate must be finite and > 0"})
-    beta: float = field(default=0.04, metadata={
-        "help": "KL coefficient: in GRPO's loss (eq. (3)) and PPO's reward (eq. (2))", "min": 0,
-        "must": "the KL coefficient must be >= 0"})
-    dpo_beta: float = field(default=0.1, metadata={"help": "beta of the DPO loss", "above": 0,
-                                                   "must": "DPO's beta must be > 0"})
-    value_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of PPO's value model", "above": 0,
-                                                    "must": "the learning rate must be finite and > 0"})
-    gamma: float = field(default=1.0, metadata={"help": "PPO discount gamma of GAE", "min": 0, "max": 1,
-                                                "must": "GAE needs gamma in [0, 1]"})
-    lam: float = field(default=0.95, metadata={"help": "PPO lambda of GAE", "min": 0, "max": 1,
-                                               "must": "GAE needs lam in [0, 1]"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use the same)",
-                                                      "above": 0})
-    max_new_tokens: int = field(default=64, metadata={"help": "longest completion", "min": 1})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping", "above": 0,
-                                                        "must": "the gradient-norm limit must be > 0"})
-    eval_every: int = field(default=20, metadata={"help": "updates between test-accuracy checks (0: none)", "min": 0})
-    eval_curve: int = field(default=100, metadata={"help": "test problems of each check (greedy accuracy)", "min": 1})
-    eval_test: int = field(default=200, metadata={"help": "test problems of the final evaluation", "min": 1,
-                                                  "must": "must be >= 1 (the findings compare greedy test "
-                                                          "accuracy, Maj@K and Pass@K)"})
-    eval_ood: int = field(default=200, metadata={
-        "help": "out-of-distribution (longer) problems of the final evaluation", "min": 0})
-    k: int = field(default=8, metadata={"help": "K of Maj@K and Pass@K", "min": 1,
-                                        "must": "must be >= 1 (the findings compare greedy test accuracy, Maj@K "
-                                                "and Pass@K)"})
-    out_dir: str = field(default="", metadata={"help": "each seed writes <out_dir>/seed<seed>/metrics.jsonl "
-                                                       "(default runs/05_unified)"})
-    cache_dir: str = field(default="", metadata={"help": "where SFT models are cached (default ./cache)"})
-    report_only: bool = field(default=False, metadata={"help": "train nothing: print the tables and findings from "
-                                                                "the metrics.jsonl of --seeds under --out_dir"})
+    normaliser: str = arg("output", "divides each output's sum in eq. (5): output (1/|o|, the "
+                          "paper), constant (Dr. GRPO), token (DAPO)",
+                          choices=("output", "constant", "token"))
+    methods: str = arg(",".join(METHODS), "comma-separated subset of " + ",".join(METHODS))
+    seeds: str = arg("0,1,2", "comma-separated seeds; every method runs once per seed")
+    model: str = arg("tiny", "tiny (built in), smollm2, a model folder, a .gguf file or a hub id")
+    sft_steps: int = arg(plumbing.SFT_STEPS, "SFT steps that make pi_sft (cached)", min=0)
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N")
+    steps: int = arg(60, "policy updates per method (one batch each)", min=1)
+    batch_size: int = arg(16, "questions per update", min=1)
+    group_size: int = arg(4, "outputs per question (G); SFT takes batch_size x G demonstrations",
+                          min=2, must="GRPO and DPO need at least 2 outputs per question")
+    micro_batch_size: int = arg(0, "outputs per forward/backward pass; 0: the whole batch", min=0)
+    lr: float = arg(5e-5, "Adam learning rate of the policy, the same for every method", above=0)
+    beta: float = arg(0.04, "KL coefficient of GRPO's loss, eq. (3), PPO's reward, eq. (2)", min=0)
+    dpo_beta: float = arg(0.1, "beta of the DPO loss", above=0)
+    value_lr: float = arg(1e-4, "Adam learning rate of PPO's value model", above=0)
+    gamma: float = arg(1.0, "PPO discount gamma of GAE", min=0, max=1)
+    lam: float = arg(0.95, "PPO lambda of GAE", min=0, max=1)
+    temperature: float = arg(1.0, "sampling temperature (log-probs use the same)", above=0)
+    max_new_tokens: int = arg(64, "longest completion", min=1)
+    max_grad_norm: float = arg(1.0, "gradient clipping", above=0)
+    eval_every: int = arg(20, "updates between test-accuracy checks (0: none)", min=0)
+    eval_curve: int = arg(100, "test problems of each check (greedy accuracy)", min=1)
+    eval_test: int = arg(200, "test problems of the final evaluation", min=1)
+    eval_ood: int = arg(200, "out-of-distribution (longer) problems of the final evaluation", min=0)
+    k: int = arg(8, "K of Maj@K and Pass@K (the findings need it)", min=1)
+    out_dir: str = arg("", "each seed logs to <out_dir>/seed<seed> (default runs/05_unified/<run>)")
+    cache_dir: str = arg("", "where SFT models are cached (default ./cache)")
+    report_only: bool = arg(False, "train nothing: tables and findings of --seeds, from the logs")
 
 
-# Settings for a pretrained model (--model smollm2, a folder, a .gguf file or a hub id): each replaces the
-# default above unless its flag is given. The tiny model's SFT (800 steps at lr 1e-3) is made for random
-# weights; 200 steps teach a pretrained model the answer format. These are lesson 02's measured settings,
-# carried over; not yet probed for the other methods.
-PRETRAINED = {"sft_steps": 200, "steps": 40}
+# A pretrained model (--model smollm2, a folder, a .gguf file or a hub id) replaces these defaults
+# unless the flag is given: lesson 02's short SFT and its micro-batches (docs/real_model.md).
+PRETRAINED = {"sft_steps": 200, "steps": 40, "micro_batch_size": 16}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The one update: eq. (5) as a loss
 
 
-def unified_loss(logp, mask, gc, n_samples=None, normaliser="output", max_len=64):
+def unified_loss(logp, mask, gc, n_samples=None, normaliser="output", max_len=64, n_tokens=None):
     """eq. (5): the loss whose gradient is -1/n sum_o 1/|o| sum_t GC_t * grad log pi_theta(o_t).
 
     logp: [N, T] log pi_theta of the output tokens (with grad); mask: [N, T] 1 on output tokens;
-    gc: [N, T] the gradient coefficient, a constant (detached); n_samples: how many draws from the data
-    source the N outputs are (N, except for DPO, whose every draw is a pair of outputs).
-    normaliser: what divides each output's sum over its tokens. "output" is eq. (5)'s 1/|o| (the
-    paper); "constant" divides every output by the same max_len (Dr. GRPO), so a token counts the same
-    in a short output as in a long one; "token" divides the batch's sum by its number of tokens (DAPO,
-    TRL's default loss_type).
+    gc: [N, T] the gradient coefficient, a constant (detached). n_samples: how many draws from the
+    data source the batch is (default N; DPO's draws are pairs of outputs); n_tokens: the batch's
+    output tokens (default: of these rows). When these rows are one micro-batch, pass the whole
+    batch's n_samples and n_tokens: the micro-batches' losses then add up to the batch's loss.
+    normaliser: what divides each output's sum over its tokens. "output" is eq. (5)'s 1/|o|;
+    "constant" divides every output by max_len (Dr. GRPO); "token" divides the batch's sum by its
+    number of tokens (DAPO, TRL's default).
     """
     mask = mask.float()
     weighted = gc.detach() * logp * mask  # [N, T] GC_t log pi
     n = logp.shape[0] if n_samples is None else n_samples
     if normaliser == "token":
-        return -weighted.sum() / mask.sum().clamp(min=1)
-    length = mask.sum(1).clamp(min=1) if normaliser == "output" else torch.full_like(mask[:, 0], max_len)
+        return -weighted.sum() / (mask.sum().clamp(min=1) if n_tokens is None else n_tokens)
+    length = mask.sum(1).clamp(min=1) if normaliser == "output" else torch.full_like(mask[:, 0],
+                                                                                     max_len)
     per_output = weighted.sum(1) / length  # 1/|o| sum_t GC_t log pi  (or 1/max_len sum_t)
     return -per_output.sum() / n
 
 
-# ----------------------------------------------------------------------------------------------------
-# Each method, one row of the paper's table: its gradient coefficient GC (gc_*, [N, T]) and, beside it,
-# the data source and reward it is computed from for one update (*_data_and_gc). Each *_data_and_gc
-# returns (batch, logp, gc, n_samples, stats): the outputs, log pi_theta of their tokens (with grad), GC,
-# how many draws of the data source they are (None: one per output) and what to log.
+# --------------------------------------------------------------------------------------------------
+# Each method's gradient coefficient GC, one row of the paper's table. [N, T], 0 on padding
 
 
 def gc_sft(mask):
     return torch.ones_like(mask, dtype=torch.float)  # SFT: GC = 1
 
 
-def sft_data_and_gc(run, step):
-    """SFT: demonstrations from P_sft, no reward, GC = 1."""
-    B, G = run.args.batch_size, run.args.group_size
-    batch = demonstrations(run.tokenizer, [next(run.problems) for _ in range(B * G)], run.device, run.style)
-    return batch, log_pi(run, batch), gc_sft(batch.completion_mask), None, {}
-
-
 def gc_rft(correct, mask):
     return correct.float()[:, None] * mask  # RFT and Online RFT: GC = I(o)
-
-
-def rft_data_and_gc(run, step):
-    """RFT: samples of pi_sft drawn once before training (offline); Online RFT: of pi_theta. GC = I(o)."""
-    stats = {}
-    problems, batch = run.offline[step - 1] if run.method == "rft" else online_batch(run)
-    correct = rule_reward(run, problems, batch, stats)
-    return batch, log_pi(run, batch), gc_rft(correct, batch.completion_mask), None, stats
 
 
 def gc_dpo(logp, ref_logp, mask, n_pairs, beta):
     """Rows 0..P-1 are the chosen outputs o+, rows P..2P-1 the rejected o- of the same pairs."""
     mask = mask.float()
-    lr = ((logp - ref_logp).detach() * mask).sum(1) / mask.sum(1).clamp(min=1)  # 1/|o| sum_t log pi/pi_ref
+    lr = ((logp - ref_logp).detach() * mask).sum(1) / mask.sum(1).clamp(min=1)  # 1/|o| sum_t
     s = torch.sigmoid(beta * lr[n_pairs:] - beta * lr[:n_pairs])  # [P]
-    return beta * torch.cat([s, -s])[:, None] * mask  # DPO: GC = +-beta * sigma(beta*lr(o-) - beta*lr(o+))
-
-
-def dpo_data_and_gc(run, step):
-    """DPO: pi_sft's offline samples, each question's right outputs paired with its wrong ones."""
-    stats = {}
-    problems, batch = run.offline[step - 1]
-    rule_reward(run, problems, batch, stats)
-    chosen, rejected = dpo_pairs(problems, batch, run.args.group_size)
-    stats["pairs"] = n_pairs = len(chosen)
-    if n_pairs:
-        batch = select(batch, chosen + rejected)
-    logp = log_pi(run, batch)
-    ref_logp = ref_log_pi(run, batch, logp, stats)
-    mask = batch.completion_mask  # no pair (no question with a right and a wrong output): GC = 0, no update
-    gc = gc_dpo(logp, ref_logp, mask, n_pairs, run.args.dpo_beta) if n_pairs else torch.zeros_like(logp)
-    return batch, logp, gc, n_pairs or None, stats
+    return beta * torch.cat([s, -s])[:, None] * mask  # DPO: GC = +-beta * sigma(...)
 
 
 def gc_ppo(advantages, mask):
-    """PPO's GC: the gradient of eq. (1) at pi_old = pi_theta (the clip is inactive there) is A_t."""
+    """PPO's GC: the gradient of eq. (1) at pi_old = pi_theta (the clip is inactive) is A_t."""
     return advantages * mask  # PPO: GC = A_t
-
-
-def ppo_data_and_gc(run, step):
-    """PPO: online samples; eq. (2)'s KL-penalised reward, GAE with V_psi (updated here), whitened."""
-    stats, args = {}, run.args
-    problems, batch = online_batch(run)
-    correct = rule_reward(run, problems, batch, stats)
-    logp = log_pi(run, batch)
-    ref_logp = ref_log_pi(run, batch, logp, stats)
-    mask = batch.completion_mask
-    values = run.value_model(batch)  # [N, T]
-    token_rewards = ppo_token_rewards(correct, logp.detach(), ref_logp, mask, args.beta)
-    advantages, returns = gae(token_rewards, values.detach(), mask, args.gamma, args.lam)
-    value_loss = 0.5 * (((values - returns) ** 2) * mask).sum() / mask.sum()
-    run.value_optimizer.zero_grad()
-    value_loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.value_model.parameters(), args.max_grad_norm)
-    run.value_optimizer.step()
-    stats["value_loss"] = value_loss.item()
-    return batch, logp, gc_ppo(whiten(advantages, mask), mask), None, stats
 
 
 def gc_grpo(advantages, logp, ref_logp, mask, beta):
     """GRPO's GC: the gradient of eq. (3) with eq. (4)'s KL at pi_old = pi_theta."""
-    return (advantages + beta * (torch.exp(ref_logp - logp.detach()) - 1)) * mask  # GRPO: A + beta*(pi_ref/pi - 1)
+    return (advantages + beta * (torch.exp(ref_logp - logp.detach()) - 1)) * mask
 
 
-def grpo_data_and_gc(run, step):
-    """GRPO: G online samples per question; outcome (GRPO+OS) or per-step (GRPO+PS) group advantages."""
-    stats, G = {}, run.args.group_size
-    problems, batch = online_batch(run)
-    correct = rule_reward(run, problems, batch, stats)
-    logp = log_pi(run, batch)
-    ref_logp = ref_log_pi(run, batch, logp, stats)
-    mask = batch.completion_mask
-    if run.method == "grpo_os":
-        advantages = grpo_outcome_advantages(correct, G)[:, None] * mask  # [B*G, T]
-    else:
-        advantages = grpo_process_advantages(problems, batch, G)  # [B*G, T]
-    return batch, logp, gc_grpo(advantages, logp, ref_logp, mask, run.args.beta), None, stats
+# --------------------------------------------------------------------------------------------------
+# Rewards, advantages and the value model: lessons 01-03's functions, copied character for
+# character (tests/test_05_unified.py compares them), so this lesson reads alone
 
 
-GC_FUNCTIONS = {"sft": gc_sft, "rft": gc_rft, "dpo": gc_dpo, "online_rft": gc_rft, "ppo": gc_ppo,
-                "grpo_os": gc_grpo, "grpo_ps": gc_grpo}
+def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tensor:
+    """r_i: 1 if output i's final answer is right, else 0.  # [B*G]"""
+    graded = [common.verify(problems[i // group_size], t) for i, t in enumerate(texts)]
+    return torch.tensor([float(g["correct"]) for g in graded])
 
 
-DATA_AND_GC = {"sft": sft_data_and_gc, "rft": rft_data_and_gc, "dpo": dpo_data_and_gc, "online_rft": rft_data_and_gc,
-               "ppo": ppo_data_and_gc, "grpo_os": grpo_data_and_gc, "grpo_ps": grpo_data_and_gc}
-
-
-# The pieces the methods share: log pi_theta with grad, log pi_ref and the KL to log, online samples, the rule reward
-
-
-def log_pi(run, batch):
-    run.policy.train()
-    return common.token_logprobs(run.policy, batch, run.args.temperature)  # [N, T], with grad
-
-
-def ref_log_pi(run, batch, logp, stats):
-    """log pi_ref of the same tokens (pi_ref = pi_sft, frozen), and the KL[pi || pi_ref] estimate to log."""
-    with torch.no_grad():
-        ref_logp = common.token_logprobs(run.sft_model, batch, run.args.temperature)  # [N, T]
-    mask = batch.completion_mask
-    stats["kl"] = (((logp.detach() - ref_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
-    return ref_logp
-
-
-def online_batch(run):
-    """q ~ P_sft(Q), o ~ pi_theta(O|q): B questions, G outputs each, from the policy being trained."""
-    problems = [next(run.problems) for _ in range(run.args.batch_size)]
-    return problems, common.sample(run.policy, run.tokenizer, [common.prompt_text(p) for p in problems],
-                                   run.args.group_size, run.args.temperature, run.args.max_new_tokens)
-
-
-def rule_reward(run, problems, batch, stats):
-    correct = outcome_rewards(problems, batch.texts, run.args.group_size).to(run.device)  # [B*G] I(o)
-    stats["reward"] = correct.mean().item()
-    return correct
-
-
-def paradigm_table(methods) -> str:
-    """The table of section 5.2, with the line of this file that makes each GC."""
-    lines = ["| method | data source | reward | code of the gradient coefficient GC |", "|---|---|---|---|"]
-    for m in methods:
-        name, source, reward = METHODS[m]
-        code = [s.strip() for s in inspect.getsource(GC_FUNCTIONS[m]).splitlines() if s.strip().startswith("return")]
-        lines.append(f"| {name} | {source} | {reward} | `{GC_FUNCTIONS[m].__name__}: {code[-1].split('  #')[0]}` |")
-    if "dpo" in methods:
-        lines.append("\nDPO's GC is the exact gradient of the paper's DPO objective (appendix A.1.4, eq. (12)): one "
-                     "coefficient per output, from the per-token-averaged log-ratio lr(o), with beta in front; the "
-                     "paper's table writes that row per token and without the beta.")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Rewards and advantages (repeated from lessons 01-03 on purpose: each lesson is whole)
-
-
-def outcome_rewards(problems, texts, group_size):
-    """I(o_i) = r_i: 1 if output i's final answer is right, else 0.  # [B*G]"""
-    return torch.tensor([float(common.verify(problems[i // group_size], t)["correct"]) for i, t in enumerate(texts)])
-
-
-def grpo_outcome_advantages(rewards, group_size):
-    """Outcome supervision: A_{i,t} = r~_i = (r_i - mean(r)) / std(r) within each group; 0 if all equal.  # [B*G]"""
+def grpo_outcome_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True):
+    """r~_i = (r_i - mean(r)) / std(r) within each group of G; 0 for a group whose rewards are all
+    equal. rewards: [B*G], rows i*G..i*G+G-1 one group. Returns [B*G], the A_{i,t} of every token
+    of o_i. std is the group's own (population) std. scale=False: r_i - mean(r) (Dr. GRPO)."""
     r = rewards.view(-1, group_size)  # [B, G]
-    mean, std = r.mean(1, keepdim=True), r.std(1, keepdim=True, unbiased=False)
-    return torch.where(std > 0, (r - mean) / torch.where(std > 0, std, torch.ones_like(std)), torch.zeros_like(r)).view(-1)
+    mean = r.mean(1, keepdim=True)
+    std = r.std(1, keepdim=True, unbiased=False)
+    if not scale:
+        return (r - mean).view(-1)
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    return torch.where(std > 0, (r - mean) / safe, torch.zeros_like(r)).view(-1)
 
 
-def grpo_process_advantages(problems, batch, group_size):
-    """Process supervision: A_{i,t} = sum of r~_i^index(j) over the steps j with index(j) >= t.  # [B*G, T]
+def step_rewards(problems: list, batch: common.Batch, group_size: int) -> tuple[list, list]:
+    """R of the paper and the index(j) of every step: two lists of N lists, ragged (K_i steps).
 
-    Step j of output i is its j-th line, graded by the verifier; index(j) = batch.step_ends[i][j]. As in
-    lesson 03, every step the output never wrote is a step of reward 0 at its last token.
-    r~ = (r - mean(R)) / std(R), with the mean and std of ALL step rewards R of the group.
+    r_i^index(j) = 1 if the verifier says line j of o_i is a correct step, else 0; the final-answer
+    line is the last step. index(j) = the completion position of the token that ends line j
+    (Batch.step_ends, aligned with verify()'s "steps"). Every step o_i never wrote (verify()'s
+    "missing") is one more step of reward 0 at o_i's last completion token: a solution cut short,
+    or an empty one, is charged for what it left out.
     """
-    N, T = batch.completion_ids.shape
     last_token = (batch.completion_mask.sum(1) - 1).tolist()  # [N]
-    advantages = torch.zeros(N, T)  # [B*G, T]
-    for q in range(N // group_size):
-        rows = range(q * group_size, (q + 1) * group_size)
-        steps, ends = {}, {}
-        for i in rows:
-            graded = common.verify(problems[q], batch.texts[i])
-            steps[i] = [float(s) for s in graded["steps"]] + [0.0] * graded["missing"]
-            ends[i] = list(batch.step_ends[i]) + [last_token[i]] * graded["missing"]
-        R = torch.tensor([r for i in rows for r in steps[i]])
-        if R.std(unbiased=False) == 0:
-            continue  # every step graded the same: no signal in this group
-        mean, std = R.mean(), R.std(unbiased=False)
-        for i in rows:
-            for r, end in zip(steps[i], ends[i]):
-                advantages[i, :end + 1] += (r - mean) / std  # every token t <= index(j) gets step j's reward
-    return advantages.to(batch.completion_mask.device) * batch.completion_mask
+    rewards, index = [], []
+    for i, (text, ends) in enumerate(zip(batch.texts, batch.step_ends)):
+        graded = common.verify(problems[i // group_size], text)
+        rewards.append([float(ok) for ok in graded["steps"]] + [0.0] * graded["missing"])
+        index.append(list(ends) + [last_token[i]] * graded["missing"])
+    return rewards, index
 
 
-class ValueModel(torch.nn.Module):
-    """V_psi of PPO: a copy of the policy's backbone with a scalar head, as large as the policy."""
+def grpo_process_advantages(rewards: list, index: list, group_size: int, T: int) -> torch.Tensor:
+    """A_{i,t} = sum over j with index(j) >= t of r~_i^index(j).  # [N, T]
 
-    def __init__(self, policy):
-        super().__init__()
-        self.backbone = copy.deepcopy(policy.base_model)
-        self.head = torch.nn.Linear(policy.config.hidden_size, 1)
-        torch.nn.init.zeros_(self.head.weight)
-        torch.nn.init.zeros_(self.head.bias)
+    rewards, index: N ragged lists from step_rewards(); rows i*G..i*G+G-1 are one group. Each step
+    reward is normalised with the mean and (population) std of ALL step rewards of its group (R in
+    the paper), whatever output they belong to; a group whose step rewards are all equal gets 0.
+    """
+    # R flattened: one entry per step of the batch, with its output (row) and its end token index(j)
+    row = torch.tensor([i for i, r_i in enumerate(rewards) for _ in r_i])  # [S], S steps in all
+    r = torch.tensor([x for r_i in rewards for x in r_i], dtype=torch.float32)  # [S]
+    end = torch.tensor([e for index_i in index for e in index_i])  # [S]
+    group = row // group_size  # [S]: the group of each step
+    n_groups = len(rewards) // group_size
 
-    def forward(self, batch):
-        """V(s_t), the value of the state before output token t.  # [N, T]"""
-        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)  # [N, P+T]
-        attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        P = batch.prompt_ids.shape[1]
-        return self.head(hidden[:, P - 1:-1].float()).squeeze(-1) * batch.completion_mask  # [N, T]
+    # r~ = (r - mean(R)) / std(R), mean and std over all the steps of each group
+    count = torch.zeros(n_groups).index_add_(0, group, torch.ones_like(r))  # [n_groups]
+    mean = torch.zeros(n_groups).index_add_(0, group, r) / count  # [n_groups]
+    std = (torch.zeros(n_groups).index_add_(0, group, (r - mean[group]) ** 2) / count).sqrt()
+    safe = torch.where(std > 0, std, torch.ones_like(std))
+    normalised = torch.where(std[group] > 0, (r - mean[group]) / safe[group],
+                             torch.zeros_like(r))  # r~  [S]
+
+    # Each r~_i^index(j) on its token index(j) (added up: one token of a hub tokenizer, "\n\n", may
+    # end two lines), then summed from the right: token t collects every step ending at or after t.
+    placed = torch.zeros(len(rewards), T).index_put_((row, end), normalised, accumulate=True)
+    return placed.flip(1).cumsum(1).flip(1)  # [N, T]; 0 after the last step's end
 
 
-def ppo_token_rewards(outcome, logp, ref_logp, mask, beta):
-    """eq. (2): r_t = r_phi(q, o) at the last token - beta * log(pi_theta(o_t) / pi_ref(o_t)) at every token.  # [N, T]"""
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """The position of each output's last real token (its EOS when it has one).  # [N]
+
+    The completion mask is 1 on a prefix of each row (up to and including the first EOS).
+    """
+    return (mask.sum(1) - 1).long().clamp(min=0)
+
+
+@torch.no_grad()
+def kl_penalised_rewards(scores, logp, ref_logp, mask, beta: float):
+    """eq. (2): r_t = r_phi(q, o_<=t) - beta * log(pi_theta(o_t|..) / pi_ref(o_t|..)).
+
+    scores: [N] r_phi of each whole output; logp, ref_logp: [N, T] log-probs of the sampled tokens
+    under the policy that sampled them (pi_theta = pi_old at sampling time) and under pi_ref;
+    mask: [N, T]. Returns the per-token rewards [N, T] (0 on padding) and the log-ratio [N, T].
+    no_grad: the penalty is part of the reward, a number, not a term the policy differentiates.
+    """
     mask = mask.float()
-    rewards = -beta * (logp - ref_logp) * mask
-    last = mask.sum(1).long().clamp(min=1) - 1  # [N]
-    rewards[torch.arange(len(last)), last] += outcome
-    return rewards
+    log_ratio = (logp - ref_logp) * mask  # [N, T]
+    rewards = -beta * log_ratio  # the KL penalty, at every token
+    last = last_token_index(mask)  # [N]
+    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)  # r_phi: last token only
+    return rewards * mask, log_ratio
 
 
-def gae(rewards, values, mask, gamma, lam):
-    """Generalised advantage estimation (the A_t of eq. (1)), written as the plain backward loop.
+@torch.no_grad()
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalized Advantage Estimation over the completion tokens of each row.
 
-    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),  A_t = delta_t + gamma * lam * A_{t+1}; V after the last token is 0.
-    Returns advantages and returns = A_t + V(s_t), both [N, T].
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma * lambda * A_{t+1}
+            (= sum_l (gamma*lambda)^l delta_{t+l}),  returns_t = A_t + V(s_t)
+
+    rewards, values, mask: [N, T]. After the last real token the episode is over: V(s_{|o|+1}) = 0
+    and nothing from the padding (or from tokens after the first EOS) flows back into the output.
+    Returns advantages [N, T] and returns [N, T], both 0 on padding.
     """
     mask = mask.float()
     N, T = rewards.shape
-    advantages = torch.zeros(N, T, device=rewards.device)
-    lastgaelam = torch.zeros(N, device=rewards.device)
+    advantages = torch.zeros_like(rewards)  # [N, T]
+    lastgaelam = torch.zeros(N, dtype=rewards.dtype, device=rewards.device)  # A_{t+1}
     for t in reversed(range(T)):
-        nextnonterminal = mask[:, t + 1] if t + 1 < T else torch.zeros(N, device=rewards.device)
-        nextvalues = values[:, t + 1] if t + 1 < T else torch.zeros(N, device=rewards.device)
-        delta = rewards[:, t] + gamma * nextvalues * nextnonterminal - values[:, t]
-        lastgaelam = delta + gamma * lam * nextnonterminal * lastgaelam
+        if t + 1 < T:
+            next_mask = mask[:, t + 1]  # 0 when t is the output's last token (or padding)
+            nextvalues = values[:, t + 1] * next_mask  # V(s_{t+1}), 0 when s_{t+1} is terminal
+        else:
+            next_mask = nextvalues = torch.zeros_like(mask[:, 0])
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = (delta + gamma * lam * next_mask * lastgaelam) * mask[:, t]
         advantages[:, t] = lastgaelam
-    advantages = advantages * mask
-    return advantages, (advantages + values) * mask
+    returns = (advantages + values) * mask
+    return advantages, returns
 
 
-def whiten(x, mask):
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the real tokens of the whole batch; 0 on padding.
+
+    x, mask: [N, T]; mean and (population) std over the tokens where mask is 1.
+    """
     mask = mask.float()
-    mean = (x * mask).sum() / mask.sum()
-    var = (((x - mean) * mask) ** 2).sum() / mask.sum()
-    return (x - mean) / torch.sqrt(var + 1e-8) * mask
+    n = mask.sum().clamp(min=1)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) / torch.sqrt(var + eps) * mask
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data sources
+def load_value_model(sft_path: str, device):
+    """V_psi: the SFT model's backbone with a new scalar head on every token (as large as pi_sft).
+
+    AutoModelForTokenClassification with one label puts a Linear(hidden, 1) where the LM head was.
+    Its dropout is 0 so values are deterministic, and the head starts at zero, so V_psi = 0
+    everywhere at the start: with gamma = lambda = 1 the first advantages are the returns.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    config = AutoConfig.from_pretrained(sft_path, num_labels=1)
+    config.classifier_dropout = 0.0
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the head is new on purpose: no warning about it
+    try:
+        value_model = AutoModelForTokenClassification.from_pretrained(sft_path, config=config,
+                                                                      dtype=torch.float32)
+    except ValueError as e:  # a model family with no token-classification class
+        plumbing.fail(f"no value model for {sft_path}: {str(e).splitlines()[0]}")
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    head = value_model.score if hasattr(value_model, "score") else value_model.classifier
+    torch.nn.init.zeros_(head.weight)
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
+    return value_model.to(device)
 
 
-def select(batch, rows):
-    """The rows `rows` of a Batch, in that order."""
-    idx = torch.tensor(rows, dtype=torch.long, device=batch.completion_ids.device)
-    return common.Batch(batch.prompt_ids[idx], batch.prompt_mask[idx], batch.completion_ids[idx],
-                        batch.completion_mask[idx], [batch.texts[i] for i in rows], [batch.step_ends[i] for i in rows])
+def token_values(value_model, batch: common.Batch) -> torch.Tensor:
+    """V(s_t) for every completion token t; 0 where masked.  # [N, T]
+
+    s_t is the state in which the policy chooses o_t: the question and the tokens before it,
+    (q, o_<t). So V(s_t) is read at the position whose logits give pi(o_t | q, o_<t) in
+    common.token_logprobs: position P-1+t of the sequence [q, o] (the last prompt token for t = 0),
+    whose hidden state has seen q and o_<t but not o_t. The state after the last token is terminal:
+    its value is 0 (see gae).
+    """
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1)  # [N, P+T]
+    attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], 1)  # [N, P+T]
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    out = value_model(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=False).logits  # [N, P+T, 1]
+    P = batch.prompt_ids.shape[1]
+    values = out[:, P - 1:-1, 0].float()  # [N, T]: position P-1+t has seen q, o_<t
+    return values * batch.completion_mask
+
+
+# --------------------------------------------------------------------------------------------------
+# The data sources D
 
 
 def demonstrations(tokenizer, problems, device, rng):
-    """SFT's data source: more of the SFT data P_sft, the same mix of worked and answer-only solutions."""
+    """SFT's data source: more of the SFT data P_sft, the same mix of worked and answer-only
+    solutions."""
     return common.build_batch(tokenizer, [common.prompt_text(p) for p in problems],
                               [common.sft_demonstration(p, rng) for p in problems], device)
 
@@ -465,7 +371,7 @@ def offline_data(sft_model, tokenizer, args, seed):
 
 
 def dpo_pairs(problems, batch, group_size):
-    """(chosen rows, rejected rows): each question pairs its right outputs with its wrong ones, one to one."""
+    """(chosen rows, rejected rows): each question pairs its right outputs with its wrong ones."""
     correct = outcome_rewards(problems, batch.texts, group_size)
     chosen, rejected = [], []
     for q in range(len(problems)):
@@ -478,99 +384,288 @@ def dpo_pairs(problems, batch, group_size):
     return chosen, rejected
 
 
-# ----------------------------------------------------------------------------------------------------
+def data_source(method, step, policy, tokenizer, questions, offline, style, args):
+    """D of eq. (5) for update `step`: (questions, Batch of their outputs)."""
+    B, G = args.batch_size, args.group_size
+    if method == "sft":  # q, o ~ P_sft: B*G more demonstrations, no sampling
+        problems = [next(questions) for _ in range(B * G)]
+        return problems, demonstrations(tokenizer, problems, policy.device, style)
+    if method in ("rft", "dpo"):  # q ~ P_sft, o ~ pi_sft: sampled once, before training
+        return offline[step - 1]
+    problems = [next(questions) for _ in range(B)]  # q ~ P_sft, o ~ pi_theta: sampled now
+    return problems, common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], G,
+                                   args.temperature, args.max_new_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# One update of each method: its reward, its gradient coefficient, then eq. (5)
+
+
+def update(method, problems, batch, policy, sft_model, optimizer, critic, args) -> dict:
+    """One update of `method` from its data: the reward pi_rf, the gradient coefficient GC for the
+    whole batch, then eq. (5) in micro-batches. critic: PPO's (V_psi, its optimizer), else None."""
+    G, T, mbs = args.group_size, args.temperature, args.micro_batch_size
+    stats, n_samples, mask = {}, len(batch), batch.completion_mask
+    if method != "sft":  # the reward: the rule, I(o) = 1 if the final answer is right
+        correct = outcome_rewards(problems, batch.texts, G).to(mask.device)  # [B*G]
+        stats["reward"] = correct.mean().item()
+    if method == "dpo":  # o+, o-: each question's right outputs paired with its wrong ones
+        chosen, rejected = dpo_pairs(problems, batch, G)
+        stats["pairs"] = len(chosen)
+        if chosen:
+            batch, n_samples = batch.select(chosen + rejected), len(chosen)
+        mask = batch.completion_mask
+    if method in NEEDS_PI_REF:  # log pi_theta and log pi_ref of every output, no graph  # [N, T]
+        logp = no_grad_pass(common.token_logprobs, policy, batch, mbs, T)
+        ref_logp = no_grad_pass(common.token_logprobs, sft_model, batch, mbs, T)
+        stats["kl"] = (((logp - ref_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
+    # the gradient coefficient GC  # [N, T]
+    if method == "sft":
+        gc = gc_sft(mask)
+    elif method in ("rft", "online_rft"):
+        gc = gc_rft(correct, mask)
+    elif method == "dpo":  # no pair (no question with a right and a wrong output): GC = 0
+        gc = gc_dpo(logp, ref_logp, mask, n_samples, args.dpo_beta) if stats["pairs"] \
+            else torch.zeros_like(logp)
+    elif method == "ppo":
+        advantages, stats["value_loss"] = ppo_advantages(critic, batch, correct, logp, ref_logp,
+                                                         args)
+        gc = gc_ppo(advantages, mask)
+    else:
+        if method == "grpo_os":  # outcome supervision: A_{i,t} = r~_i
+            advantages = grpo_outcome_advantages(correct, G)[:, None] * mask
+        else:  # process supervision: A_{i,t} = sum of r~_i^index(j) over index(j) >= t
+            advantages = grpo_process_advantages(*step_rewards(problems, batch, G), G,
+                                                 mask.shape[1]).to(mask.device) * mask
+        gc = gc_grpo(advantages, logp, ref_logp, mask, args.beta)
+    # an Adam step on a zero gradient still moves the weights (momentum): DPO with no pair skips it
+    return {**stats, **policy_update(policy, optimizer, batch, gc, n_samples, args,
+                                     step=stats.get("pairs", 1) > 0)}
+
+
+def policy_update(policy, optimizer, batch, gc, n_samples, args, step=True) -> dict:
+    """eq. (5): unified_loss's gradient, accumulated over micro-batches, then one Adam step."""
+    mask = batch.completion_mask
+    n_tokens = mask.float().sum().clamp(min=1)  # the whole batch's, for every micro-batch
+    policy.train()
+    optimizer.zero_grad()
+    loss = 0
+    for rows in common.micro_batches(batch, args.micro_batch_size):
+        logp = common.token_logprobs(policy, batch.select(rows), args.temperature)  # [n, T]
+        part = unified_loss(logp, mask[rows], gc[rows], n_samples, args.normaliser,
+                            args.max_new_tokens, n_tokens)
+        part.backward()
+        loss += part.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+    if step:
+        optimizer.step()
+    policy.eval()
+    return {"loss": loss, "grad_norm": grad_norm.item(),
+            "gc_abs_mean": ((gc.abs() * mask).sum() / mask.sum().clamp(min=1)).item(),
+            "completion_len": mask.sum(1).float().mean().item()}
+
+
+def ppo_advantages(critic, batch, correct, logp, ref_logp, args):
+    """PPO's A_t: eq. (2)'s reward, GAE with V_psi, whitened over the batch; then V_psi regresses
+    on the returns, in micro-batches (no policy graph is alive meanwhile). Returns A, V's loss."""
+    value_model, value_optimizer = critic
+    mask = batch.completion_mask
+    rewards, _ = kl_penalised_rewards(correct, logp, ref_logp, mask, args.beta)  # [N, T]
+    values = no_grad_pass(token_values, value_model, batch, args.micro_batch_size)  # [N, T]
+    advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
+    n_tokens = mask.float().sum().clamp(min=1)
+    value_optimizer.zero_grad()
+    value_loss = 0
+    for rows in common.micro_batches(batch, args.micro_batch_size):
+        v = token_values(value_model, batch.select(rows))  # [n, T], with grad
+        part = 0.5 * (((v - returns[rows]) ** 2) * mask[rows]).sum() / n_tokens
+        part.backward()
+        value_loss += part.item()
+    torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
+    value_optimizer.step()
+    return whiten(advantages, mask), value_loss
+
+
+@torch.no_grad()
+def no_grad_pass(per_token, model, batch, micro_batch_size, *args):
+    """per_token(model, rows of batch, *args) ([n, T]) for every micro-batch, with no graph: the
+    log-probs of pi_theta or pi_ref, or V_psi's values, of the whole batch.  # [N, T]
+    (common.token_logprobs_no_grad cuts rows by length: the same numbers up to rounding.)"""
+    out = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)
+    for rows in common.micro_batches(batch, micro_batch_size):
+        out[rows] = per_token(model, batch.select(rows), *args)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Training: one loop for every method
 
 
-def quick_test_accuracy(policy, tokenizer, n, max_new_tokens):
-    """Greedy accuracy on the first n test problems, for the learning curve (no OOD, no Maj/Pass@K)."""
-    return common.evaluate(policy, tokenizer, n_test=n, n_ood=0, k=0, max_new_tokens=max_new_tokens)["test_greedy"]
-
-
-def state_bytes(models):
-    """Bytes a method keeps to train: every weight, and for trainable ones a gradient and Adam's two moments."""
-    return sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for m in models for p in m.parameters())
-
-
-def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, offline=None):
-    """`args.steps` updates of `policy` (a copy of pi_sft) by `method`, all through unified_loss.
+def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, offline=None) -> dict:
+    """`args.steps` updates of `policy` (a copy of pi_sft) by `method`; returns the method's costs.
 
     sft_model is pi_sft: the reference pi_ref of DPO, PPO and GRPO, frozen. offline: RFT's and DPO's
-    data, sampled from pi_sft before training. Returns the method's costs.
+    data, sampled from pi_sft before training. Timing and the learning curve are measured here,
+    around the updates; `log` gets a record per update.
     """
-    device = next(policy.parameters()).device
+    device = policy.device
     common.set_seed(seed)
-    run = SimpleNamespace(method=method, policy=policy, sft_model=sft_model, tokenizer=tokenizer, args=args,
-                          device=device, offline=offline,
-                          problems=common.train_problems(seed))  # the same questions, in the same order, for every method
+    questions = common.train_problems(seed)  # the same questions in the same order for every method
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
-    models = [policy] + ([sft_model] if method in ("dpo", "ppo", "grpo_os", "grpo_ps") else [])  # + pi_ref
-    if method == "ppo":
-        run.value_model = ValueModel(policy).to(device)
-        run.value_optimizer = torch.optim.Adam(run.value_model.parameters(), lr=args.value_lr)
-        models.append(run.value_model)
-    run.style = random.Random(seed)  # SFT's draws of worked vs answer-only demonstrations
-    meter = Meter(METHODS[method][0], policy, tokenizer, args, device, log)
-    for step in meter.bar(seed):
-        meter.start()
-        # 1. the data source and the reward, 2. the gradient coefficient: the method's own function
-        batch, logp, gc, n_samples, stats = DATA_AND_GC[method](run, step)
-        # 3. the one update, eq. (5)
-        loss = unified_loss(logp, batch.completion_mask, gc, n_samples, args.normaliser, args.max_new_tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-        if stats.get("pairs", 1):  # DPO with no pair has GC = 0: no update (Adam's momentum would still move it)
-            optimizer.step()
-        policy.eval()
-        meter.step(step, stats, loss, grad_norm, gc, batch.completion_mask)
-    return meter.costs(models)
-
-
-class Meter:
-    """What train_method logs: per-update records, the learning curve, time and peak GPU memory per update."""
-
-    def __init__(self, name, policy, tokenizer, args, device, log):
-        self.name, self.policy, self.tokenizer, self.args, self.device, self.log = name, policy, tokenizer, args, device, log
-        self.step_times, self.peak_gpu = [], 0  # of the updates alone, not of the accuracy checks between them
-
-    def bar(self, seed):
-        if self.log is not None and self.args.eval_every:
-            self.log.write({"method": self.name, "step": 0, "test_greedy": quick_test_accuracy(
-                self.policy, self.tokenizer, self.args.eval_curve, self.args.max_new_tokens)})
-        self._bar = tqdm(range(1, self.args.steps + 1), desc=f"{self.name} seed {seed}", leave=False)
-        return self._bar
-
-    def start(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self.t0 = plumbing.clock(self.device)
-
-    def step(self, step, stats, loss, grad_norm, gc, mask):
-        self.step_times.append(plumbing.clock(self.device) - self.t0)  # sampling, forward, backward, optimizer step
-        if self.device.type == "cuda":
-            self.peak_gpu = max(self.peak_gpu, torch.cuda.max_memory_allocated(self.device))
-        args = self.args
-        record = {"method": self.name, "step": step, **stats, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                  "gc_abs_mean": ((gc.abs() * mask).sum() / mask.sum().clamp(min=1)).item(),
-                  "completion_len": mask.sum(1).float().mean().item(), "step_time": self.step_times[-1]}
+    models, critic = [policy] + ([sft_model] if method in NEEDS_PI_REF else []), None
+    if method == "ppo":  # V_psi: pi_sft's backbone with a scalar head, as large as the policy
+        value_model = load_value_model(sft_model.name_or_path, device).eval()
+        critic = (value_model, torch.optim.Adam(value_model.parameters(), lr=args.value_lr))
+        models.append(value_model)
+    style = random.Random(seed)  # SFT's draws of worked vs answer-only demonstrations
+    name, times, peak = METHODS[method][0], [], 0
+    curve = lambda: quick_test_accuracy(policy, tokenizer, args.eval_curve, args.max_new_tokens)
+    if log is not None and args.eval_every:
+        log.write({"method": name, "step": 0, "test_greedy": curve()})
+    bar = tqdm(range(1, args.steps + 1), desc=f"{name} seed {seed}", leave=False)
+    for step in bar:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = plumbing.clock(device)
+        problems, batch = data_source(method, step, policy, tokenizer, questions, offline, style,
+                                      args)
+        record = update(method, problems, batch, policy, sft_model, optimizer, critic, args)
+        times.append(plumbing.clock(device) - t0)  # sampling, forward, backward, optimizer step
+        if device.type == "cuda":
+            peak = max(peak, torch.cuda.max_memory_allocated(device))
+        record = {"method": name, "step": step, **record, "step_time": times[-1]}
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            record["test_greedy"] = quick_test_accuracy(self.policy, self.tokenizer, args.eval_curve, args.max_new_tokens)
-        if self.log is not None:
-            self.log.write(record)
-        self._bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("reward", "kl", "loss", "test_greedy")})
-
-    def costs(self, models) -> dict:
-        costs = {"time_per_step": statistics.mean(self.step_times), "state_mb": state_bytes(models) / 2**20,
-                 "trainable_params": sum(p.numel() for m in models for p in m.parameters() if p.requires_grad),
-                 "models": "+".join(["policy", "pi_ref", "value"][:len(models)])}
-        if self.device.type == "cuda":
-            costs["peak_gpu_mb"] = self.peak_gpu / 2**20
-        return costs
+            record["test_greedy"] = curve()
+        if log is not None:
+            log.write(record)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()
+                         if k in ("reward", "kl", "loss", "test_greedy")})
+    return costs(models, times, peak if device.type == "cuda" else None)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The comparison and the paper's findings
+def quick_test_accuracy(policy, tokenizer, n, max_new_tokens):
+    """Greedy accuracy on the first n test problems: the learning curve (no OOD, no Maj/Pass)."""
+    return common.evaluate(policy, tokenizer, n_test=n, n_ood=0, k=0,
+                           max_new_tokens=max_new_tokens)["test_greedy"]
+
+
+def costs(models, times, peak_gpu) -> dict:
+    """A method's cost: time per update, the state its models keep (weights, and for trainable ones
+    a gradient and Adam's two moments), trainable parameters, peak GPU memory of its updates."""
+    state = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1)
+                for m in models for p in m.parameters())
+    out = {"time_per_step": statistics.mean(times), "state_mb": state / 2**20,
+           "trainable_params": sum(p.numel() for m in models for p in m.parameters()
+                                   if p.requires_grad),
+           "models": "+".join(["policy", "pi_ref", "value"][:len(models)])}
+    if peak_gpu is not None:
+        out["peak_gpu_mb"] = peak_gpu / 2**20
+    return out
+
+
+def run_seed(sft_model, tokenizer, methods, args, seed, out_dir) -> list:
+    """Every method of one seed from pi_sft, each evaluated after; returns their costs."""
+    evaluate = lambda model: common.evaluate(model, tokenizer, args.eval_test, args.eval_ood,
+                                             args.k, args.temperature, args.max_new_tokens)
+    log = seed_log(out_dir, methods, args)
+    common.set_seed(seed)
+    log.write({"method": "SFT model", "final": True, "seed": seed, "after": evaluate(sft_model)})
+    offline, all_costs = None, []
+    for method in methods:
+        name = METHODS[method][0]
+        if method in ("rft", "dpo") and offline is None:  # shared by RFT and DPO of this seed
+            offline = offline_data(sft_model, tokenizer, args, seed)
+        policy = copy.deepcopy(sft_model).requires_grad_(True)
+        cost = train_method(method, policy, sft_model, tokenizer, args, seed, log, offline)
+        common.set_seed(seed)
+        result = evaluate(policy)
+        log.write({"method": name, "final": True, "seed": seed, "after": result, **cost})
+        print(f"seed {seed} {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.items())
+              + f", {cost['time_per_step']:.2f} s/update")
+        all_costs.append(cost)
+        del policy
+    return all_costs
+
+
+# --------------------------------------------------------------------------------------------------
+# Where runs are kept: a folder per seed and settings; a --methods subset keeps the other methods
+
+
+def settings(args) -> dict:
+    """What was run: every option but those that only say where or which (seeds, methods)."""
+    return {f.name: getattr(args, f.name) for f in fields(args)
+            if f.name not in plumbing.NOT_IN_RUN_NAME}
+
+
+def seed_dir(args, seed) -> str:
+    """runs/05_unified/<options not at their defaults>_seed<seed>, or <out_dir>/seed<seed>."""
+    if args.out_dir:
+        return f"{args.out_dir}/seed{seed}"
+    return plumbing.run_dir("05_unified", args, PRETRAINED, seed=seed)
+
+
+def seed_log(out_dir, methods, args):
+    """The seed's metrics.jsonl, started anew but for the records of the methods not run now (when
+    they ran with the same settings): `--methods rft` does not erase GRPO's log."""
+    path, saved = Path(out_dir) / "metrics.jsonl", Path(out_dir) / "settings.json"
+    now = {METHODS[m][0] for m in methods} | {"SFT model"}
+    keep = []
+    if path.is_file() and saved.is_file() and json.loads(saved.read_text()) == settings(args):
+        keep = [r for r in map(json.loads, path.read_text().splitlines()) if r["method"] not in now]
+    log = plumbing.MetricsLog(out_dir)
+    saved.write_text(json.dumps(settings(args), indent=1) + "\n")
+    for record in keep:
+        log.write(record)
+    return log
+
+
+def main(argv=None):
+    args = plumbing.parse_args(Args, argv, PRETRAINED)
+    check_args(args)
+    started = time.time()
+    methods = parse_list(args.methods, "methods")
+    seeds = parse_list(args.seeds, "seeds", int)
+    device = None if args.report_only else plumbing.resolve_device(args.device)  # fails first
+    print("The unified paradigm, eq. (5): each method is a data source, a reward and a gradient "
+          "coefficient\n")
+    print(paradigm_table(methods) + "\n")
+    dirs = {seed: seed_dir(args, seed) for seed in seeds}
+    if not args.report_only:
+        sft_model, tokenizer = plumbing.load_policy(args.model, args.sft_steps, device,
+                                                    args.cache_dir or None,
+                                                    micro_batch_size=args.micro_batch_size)
+        sft_model.eval().requires_grad_(False)  # pi_sft: each method's start, pi_ref, RFT's sampler
+        all_costs = [c for seed in seeds
+                     for c in run_seed(sft_model, tokenizer, methods, args, seed, dirs[seed])]
+        print(f"\nThe comparison: {len(methods)} methods x {len(seeds)} seeds, {args.steps} "
+              f"updates of {args.batch_size} questions x {args.group_size} outputs each, on "
+              f"{device}, {time.time() - started:.0f}s; {memory_line(device, all_costs)}; logs in "
+              + ", ".join(dirs.values()))
+    final, curves, run_costs = read_runs(dirs, methods)
+    checked = report(final, curves, run_costs, args, seeds)
+    path = write_findings(checked, final, args, seeds)
+    print(f"\nPer-seed values of every finding: {path}")
+    return {"final": final, "curves": curves, "costs": run_costs, "findings": checked,
+            "dirs": dirs, "findings_file": path}
+
+
+# --------------------------------------------------------------------------------------------------
+# What the lesson prints and records: the comparison and the paper's findings
+
+
+def paradigm_table(methods) -> str:
+    """The table of section 5.2 for the chosen methods."""
+    lines = ["| method | data source | reward | gradient coefficient GC |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(METHODS[m]) + " |" for m in methods]
+    return "\n".join(lines)
+
+
+def memory_line(device, all_costs) -> str:
+    """The run's peak memory: on a GPU the most any method's update took, over all methods."""
+    if device.type != "cuda":
+        return plumbing.peak_memory(device)
+    return (f"peak GPU memory {max(c['peak_gpu_mb'] for c in all_costs):.0f} MiB "
+            "(the largest over every method's updates)")
 
 
 def mean_std(values):
@@ -582,33 +677,39 @@ def pct(values):
     return f"{100 * m:.1f} ± {100 * s:.1f}%" if len(values) > 1 else f"{100 * m:.1f}%"
 
 
-def findings(final, curves, costs, k):
-    """The paper's findings of section 5.2, each judged by plumbing.verdict: (finding, verdict, numbers)."""
-    out = []
-    per_seed = lambda m, key: [r[key] for r in final[m]]
-    diff = lambda a, b, key="test_greedy": [x - y for x, y in zip(per_seed(a, key), per_seed(b, key))]
-    show = lambda ds: f"{100 * mean_std(ds)[0]:+.1f} ± {100 * mean_std(ds)[1]:.1f} pts (per seed " + \
-        ", ".join(f"{100 * d:+.1f}" for d in ds) + ")"
-    for better, worse, claim in (("Online RFT", "RFT", "Online RFT ends above RFT (Figure 5)"),
-                                 ("GRPO+OS", "Online RFT", "GRPO ends above Online RFT (Figure 5)"),
-                                 ("GRPO+PS", "GRPO+OS", "GRPO+PS ends above GRPO+OS (Figure 5)")):
-        if better in final and worse in final:
-            ds = diff(better, worse)
-            numbers = f"greedy test, {better} - {worse}: {show(ds)}"
-            steps = sorted(set(curves.get(better, {})) & set(curves.get(worse, {})) - {0})
-            if better == "Online RFT" and steps:
-                gap = lambda s: 100 * statistics.mean(a - b for a, b in zip(curves[better][s], curves[worse][s]))
-                numbers += "; on the curve " + ", ".join(f"{gap(s):+.1f} at step {s}" for s in steps)
-            out.append((claim, plumbing.verdict(ds), numbers))
-    for m in ("GRPO+OS", "GRPO+PS", "PPO", "Online RFT"):
-        if m in final:
-            d_maj, d_pass = diff(m, "SFT model", f"test_maj@{k}"), diff(m, "SFT model", f"test_pass@{k}")
-            out.append((f"RL ({m}) raises Maj@{k}", plumbing.verdict(d_maj), f"Maj@{k} - SFT model's: {show(d_maj)}"))
-            d_gap = [a - b for a, b in zip(d_maj, d_pass)]
-            out.append((f"RL ({m}) raises Maj@{k} more than Pass@{k}", plumbing.verdict(d_gap),
-                        f"Maj@{k} gain - Pass@{k} gain: {show(d_gap)}; Pass@{k} - SFT model's: {show(d_pass)}"))
-            break
-    return out
+def read_runs(dirs, methods):
+    """Every seed's results, read back from its log; stops with one line when a seed lacks one of
+    the methods, or when the seeds ran with different settings (the report pairs like with like)."""
+    names = ["SFT model"] + [METHODS[m][0] for m in methods]
+    found, curves, seen = {}, {}, {}  # name -> seed -> final record; name -> step -> [accuracy]
+    for seed, folder in dirs.items():
+        path = Path(folder) / "metrics.jsonl"
+        if not path.is_file():
+            plumbing.fail(f"{path} does not exist: run seed {seed} with these options first")
+        saved = Path(folder) / "settings.json"
+        if saved.is_file():
+            seen[seed] = json.loads(saved.read_text())
+        for record in map(json.loads, path.read_text().splitlines()):
+            if record["method"] not in names:
+                continue
+            if record.get("final"):
+                found.setdefault(record["method"], {})[seed] = record
+            elif "test_greedy" in record:
+                curves.setdefault(record["method"], {}).setdefault(record["step"], []).append(
+                    record["test_greedy"])
+    if len({json.dumps(s, sort_keys=True) for s in seen.values()}) > 1:
+        plumbing.fail("--report_only: seeds " + ",".join(map(str, seen)) + " ran with different "
+                      "settings (settings.json in their folders); compare runs of one setting")
+    for name in names:
+        have = sorted(found.get(name, {}))
+        if have != sorted(dirs):
+            plumbing.fail(f"--report_only: {name} has seeds {','.join(map(str, have)) or 'none'} "
+                          f"of {','.join(map(str, dirs))}: run it for the missing seeds first, or "
+                          "choose --seeds/--methods that every run has (no verdict on unpaired "
+                          "seeds)")
+    final = {n: [found[n][s]["after"] for s in dirs] for n in names}
+    run_costs = {n: [found[n][s] for s in dirs] for n in names[1:]}
+    return final, curves, run_costs
 
 
 def cost_line(costs):
@@ -617,61 +718,141 @@ def cost_line(costs):
         return None
     p, g = costs["PPO"], costs["GRPO+OS"]
     mean = lambda cs, key: statistics.mean(c[key] for c in cs)
-    line = (f"GRPO+OS keeps {mean(g, 'state_mb'):.1f} MiB of weights+grads+Adam against PPO's {mean(p, 'state_mb'):.1f} MiB "
-            f"(no value model) and takes {mean(g, 'time_per_step'):.2f} s per update against {mean(p, 'time_per_step'):.2f} s")
+    line = (f"GRPO+OS keeps {mean(g, 'state_mb'):.1f} MiB of weights+grads+Adam against PPO's "
+            f"{mean(p, 'state_mb'):.1f} MiB (no value model) and takes "
+            f"{mean(g, 'time_per_step'):.2f} s per update against {mean(p, 'time_per_step'):.2f} s")
     if all("peak_gpu_mb" in c for c in p + g):
-        line += f"; peak GPU memory {mean(g, 'peak_gpu_mb'):.0f} vs {mean(p, 'peak_gpu_mb'):.0f} MiB"
+        line += (f"; peak GPU memory {mean(g, 'peak_gpu_mb'):.0f} vs "
+                 f"{mean(p, 'peak_gpu_mb'):.0f} MiB")
     return line
 
 
-def read_runs(out_root, seeds):
-    """The results of every seed, read back from its metrics.jsonl: the report is made from the logs alone."""
-    final, curves, costs = {}, {}, {}  # name -> [result per seed]; name -> step -> [accuracy]; name -> [cost]
-    for seed in seeds:
-        path = Path(out_root) / f"seed{seed}" / "metrics.jsonl"
-        if not path.is_file():
-            plumbing.fail(f"{path} does not exist: run the comparison for seed {seed} first")
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            if record.get("final"):
-                final.setdefault(record["method"], []).append(record["after"])
-                if record["method"] != "SFT model":
-                    costs.setdefault(record["method"], []).append(record)
-            elif "test_greedy" in record:
-                curves.setdefault(record["method"], {}).setdefault(record["step"], []).append(record["test_greedy"])
-    return final, curves, costs
+# The comparisons that the 1/|o| normaliser decides (Online RFT and RFT, whose GC is never negative,
+# learn to answer at once and collapse; docs/05_unified.md): under it they say nothing of the paper.
+ARTIFACT = "decided by the 1/|o| artifact, not a test of the paper (see --normaliser constant)"
 
 
-def report(final, curves, costs, args, seeds):
+def finding(claim, plus, minus, key, n, artifact=False) -> dict:
+    """One finding from per-seed results: plus, minus = (name, [result per seed]), the difference
+    plus - minus (the paper's sign positive). Besides the verdict: the smallest difference these
+    seeds could detect (the rule's 2 std over seeds) and the test set's own sampling error of the
+    difference (binomial, sqrt(p(1-p)/n) of each run, in quadrature; mean over seeds)."""
+    (a, runs_a), (b, runs_b) = plus, minus
+    per_seed = [x[key] - y[key] for x, y in zip(runs_a, runs_b)]
+    error = statistics.mean(math.sqrt((x[key] * (1 - x[key]) + y[key] * (1 - y[key])) / n)
+                            for x, y in zip(runs_a, runs_b))
+    return {"claim": claim, "verdict": ARTIFACT if artifact else plumbing.verdict(per_seed),
+            "per_seed": per_seed, "detectable": 2 * mean_std(per_seed)[1] if len(per_seed) > 1
+            else None, "test_error": error, "metric": key,
+            "values": {a: [x[key] for x in runs_a], b: [y[key] for y in runs_b]}}
+
+
+def show(ds):
+    m, s = mean_std(ds)
+    per_seed = ", ".join(f"{100 * d:+.1f}" for d in ds)
+    return f"{100 * m:+.1f} ± {100 * s:.1f} pts (per seed {per_seed})"
+
+
+def findings(final, curves, args) -> list:
+    """The paper's findings of section 5.2, each judged by plumbing.verdict (or labelled)."""
+    out, n, k = [], args.eval_test, args.k
+    for better, worse, claim in (("Online RFT", "RFT", "Online RFT ends above RFT (Figure 5)"),
+                                 ("GRPO+OS", "Online RFT", "GRPO ends above Online RFT (Figure 5)"),
+                                 ("GRPO+PS", "GRPO+OS", "GRPO+PS ends above GRPO+OS (Figure 5)")):
+        if better in final and worse in final:
+            row = finding(claim, (better, final[better]), (worse, final[worse]), "test_greedy", n,
+                          artifact="Online RFT" in (better, worse) and args.normaliser == "output")
+            row["numbers"] = f"greedy test, {better} - {worse}: {show(row['per_seed'])}"
+            steps = sorted(set(curves.get(better, {})) & set(curves.get(worse, {})) - {0})
+            if better == "Online RFT" and steps:
+                gap = lambda s: 100 * statistics.mean(
+                    a - b for a, b in zip(curves[better][s], curves[worse][s]))
+                row["numbers"] += "; on the curve " + ", ".join(f"{gap(s):+.1f} at step {s}"
+                                                                for s in steps)
+            out.append(row)
+    for m in ("GRPO+OS", "GRPO+PS", "PPO", "Online RFT"):
+        if m in final:
+            rl, sft = (m, final[m]), ("SFT model", final["SFT model"])
+            maj = finding(f"RL ({m}) raises Maj@{k}", rl, sft, f"test_maj@{k}", n)
+            maj["numbers"] = f"Maj@{k} - SFT model's: {show(maj['per_seed'])}"
+            pas = finding(f"Pass@{k}", rl, sft, f"test_pass@{k}", n)
+            gap = [a - b for a, b in zip(maj["per_seed"], pas["per_seed"])]
+            more = {"claim": f"RL ({m}) raises Maj@{k} more than Pass@{k}",
+                    "verdict": plumbing.verdict(gap), "per_seed": gap,
+                    "detectable": 2 * mean_std(gap)[1] if len(gap) > 1 else None,
+                    "test_error": math.hypot(maj["test_error"], pas["test_error"]),
+                    "metric": f"(maj - pass)@{k}", "values": {**maj["values"], **{
+                        f"{name} pass": v for name, v in pas["values"].items()}},
+                    "numbers": f"Maj@{k} gain - Pass@{k} gain: {show(gap)}; "
+                               f"Pass@{k} - SFT model's: {show(pas['per_seed'])}"}
+            out += [maj, more]
+            break
+    return out
+
+
+def report(final, curves, costs, args, seeds) -> list:
     cols = list(final["SFT model"][0])
-    print(f"Final evaluation ({args.eval_test} test, {args.eval_ood} OOD problems; mean ± std over seeds {seeds}):\n")
+    print(f"Final evaluation ({args.eval_test} test, {args.eval_ood} OOD problems; mean ± std over "
+          f"seeds {seeds}):\n")
     print("| model | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
-    for n, results in final.items():
-        print(f"| {n} | " + " | ".join(pct([r[c] for r in results]) for c in cols) + " |")
+    for name, results in final.items():
+        print(f"| {name} | " + " | ".join(pct([r[c] for r in results]) for c in cols) + " |")
     if curves:
         steps = sorted({s for c in curves.values() for s in c})
-        print(f"\nTest accuracy (greedy, {args.eval_curve} problems) during training, mean over seeds:\n")
-        print("| method | " + " | ".join(f"step {s}" for s in steps) + " |\n" + "|---" * (len(steps) + 1) + "|")
-        for n, c in curves.items():
-            print(f"| {n} | " + " | ".join(f"{100 * statistics.mean(c[s]):.1f}%" if s in c else "" for s in steps) + " |")
-    print("\nCost of each method at the same batch (state = weights + gradients + Adam moments of the models it keeps):\n")
+        print(f"\nTest accuracy (greedy, {args.eval_curve} problems) during training, mean over "
+              "seeds:\n")
+        print("| method | " + " | ".join(f"step {s}" for s in steps) + " |\n"
+              + "|---" * (len(steps) + 1) + "|")
+        for name, c in curves.items():
+            print(f"| {name} | " + " | ".join(f"{100 * statistics.mean(c[s]):.1f}%" if s in c
+                                               else "" for s in steps) + " |")
+    cost_table(costs)
+    checked = findings(final, curves, args)
+    print(f"\nThe paper's findings (section 5.2), judged on {len(seeds)} "
+          f"seed{'s' if len(seeds) > 1 else ''}: {plumbing.VERDICT_RULE}. Inconclusive means these "
+          "runs cannot tell, not that the two are the same. Each row gives the smallest difference "
+          f"its seeds could detect (2 std over seeds) and the test set's sampling error "
+          f"(binomial, {args.eval_test} problems).\n")
+    for row in checked:
+        seen = ("n/a (one seed)" if row["detectable"] is None
+                else f"{100 * row['detectable']:.1f} pts")
+        print(f"- [{row['verdict']}] {row['claim']}: {row['numbers']}; smallest detectable "
+              f"difference {seen}; test-set error ± {100 * row['test_error']:.1f} pts")
+    return checked
+
+
+def cost_table(costs):
+    print("\nCost of each method at the same batch (state = weights + gradients + Adam moments of "
+          "the models it keeps):\n")
     gpu = all("peak_gpu_mb" in x for c in costs.values() for x in c)
-    print("| method | models kept | trainable params | state (MiB) | time per update (s) |" + (" peak GPU (MiB) |" if gpu else "")
-          + "\n|---|---|---|---|---|" + ("---|" if gpu else ""))
-    for n, c in costs.items():
-        print(f"| {n} | {c[0]['models']} | {c[0]['trainable_params']:,} | {statistics.mean(x['state_mb'] for x in c):.1f} | "
-              f"{statistics.mean(x['time_per_step'] for x in c):.2f} |"
-              + (f" {statistics.mean(x['peak_gpu_mb'] for x in c):.0f} |" if gpu else ""))
+    print("| method | models kept | trainable params | state (MiB) | time per update (s) |"
+          + (" peak GPU (MiB) |" if gpu else "") + "\n|---|---|---|---|---|"
+          + ("---|" if gpu else ""))
+    mean = lambda c, key: statistics.mean(x[key] for x in c)
+    for name, c in costs.items():
+        print(f"| {name} | {c[0]['models']} | {c[0]['trainable_params']:,} | "
+              f"{mean(c, 'state_mb'):.1f} | {mean(c, 'time_per_step'):.2f} |"
+              + (f" {mean(c, 'peak_gpu_mb'):.0f} |" if gpu else ""))
     if not gpu:
-        print("(no GPU: peak GPU memory is measured only on CUDA; time per update is wall time on this CPU)")
+        print("(no GPU: peak GPU memory is measured only on CUDA; time per update is wall time)")
     line = cost_line(costs)
     if line:
-        print(f"\nWhat GRPO saves (section 4.1.1's motivation, a cost measured here, not a finding): {line}.")
-    print(f"\nThe paper's findings (section 5.2), judged on {len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {plumbing.VERDICT_RULE}.\n")
-    checked = findings(final, curves, costs, args.k)
-    for claim, judged, numbers in checked:
-        print(f"- [{judged}] {claim}: {numbers}")
-    return checked
+        print(f"\nWhat GRPO saves (section 4.1.1's motivation, a cost measured here, not a "
+              f"finding): {line}.")
+
+
+def write_findings(checked, final, args, seeds) -> str:
+    """Every finding's per-seed values, beside the runs: <runs>/<options>_findings_seeds<S>.json."""
+    one = seed_dir(args, seeds[0])
+    path = one[:-len(f"seed{seeds[0]}")] + "findings_seeds" + "-".join(map(str, seeds)) + ".json"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({
+        "command": "python 05_unified.py --report_only --seeds " + ",".join(map(str, seeds)),
+        "settings": settings(args), "seeds": seeds, "rule": plumbing.VERDICT_RULE,
+        "test_problems": args.eval_test, "findings": checked,
+        "final": {name: dict(zip(map(str, seeds), runs)) for name, runs in final.items()}},
+        indent=1) + "\n")
+    return path
 
 
 def parse_list(text: str, what: str, cast=str) -> list:
@@ -686,53 +867,13 @@ def parse_list(text: str, what: str, cast=str) -> list:
 
 
 def check_args(args: Args):
-    """What the fields' bounds cannot say (plumbing.parse_args has checked those): the items of --methods and --seeds."""
+    """What the fields' bounds cannot say: the items of --methods and --seeds."""
     for m in parse_list(args.methods, "methods"):
         if m not in METHODS:
             plumbing.fail(f"--methods: unknown method {m!r}; choose from {','.join(METHODS)}")
     for seed in parse_list(args.seeds, "seeds", int):
         if not 0 <= seed < 2**32:
             plumbing.fail(f"--seeds {args.seeds!r}: use seeds in 0 .. {2**32 - 1}")
-
-
-def main(argv=None):
-    args = plumbing.parse_args(Args, argv, PRETRAINED)
-    check_args(args)
-    started = time.time()
-    methods = parse_list(args.methods, "methods")
-    seeds = parse_list(args.seeds, "seeds", int)
-    out_root = args.out_dir or "runs/05_unified"
-    device = None if args.report_only else plumbing.resolve_device(args.device)  # a bad --device fails before any output
-    print("The unified paradigm, eq. (5): each method is a data source, a reward and a gradient coefficient\n")
-    print(paradigm_table(methods) + "\n")
-    if not args.report_only:
-        sft_model, tokenizer = plumbing.load_policy(args.model, args.sft_steps, device, args.cache_dir or None)
-        sft_model.eval().requires_grad_(False)  # pi_sft: the start of every method, pi_ref, and RFT/DPO's sampler
-        evaluate = lambda model: common.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k,
-                                                 args.temperature, args.max_new_tokens)
-        for seed in seeds:
-            log = plumbing.MetricsLog(f"{out_root}/seed{seed}")
-            common.set_seed(seed)
-            log.write({"method": "SFT model", "final": True, "seed": seed, "after": evaluate(sft_model)})
-            offline = None
-            for method in methods:
-                name = METHODS[method][0]
-                if method in ("rft", "dpo") and offline is None:
-                    offline = offline_data(sft_model, tokenizer, args, seed)  # shared by RFT and DPO of this seed
-                policy = copy.deepcopy(sft_model).requires_grad_(True)
-                cost = train_method(method, policy, sft_model, tokenizer, args, seed, log, offline)
-                common.set_seed(seed)
-                result = evaluate(policy)
-                log.write({"method": name, "final": True, "seed": seed, "after": result, **cost})
-                print(f"seed {seed} {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.items())
-                      + f", {cost['time_per_step']:.2f} s/update")
-                del policy
-        print(f"\nThe comparison: {len(methods)} methods x {len(seeds)} seeds, {args.steps} updates of "
-              f"{args.batch_size} questions x {args.group_size} outputs each, on {device}, {time.time() - started:.0f}s; "
-              + plumbing.peak_memory(device))
-    final, curves, costs = read_runs(out_root, seeds)
-    checked = report(final, curves, costs, args, seeds)
-    return {"final": final, "curves": curves, "costs": costs, "findings": checked, "out_dir": out_root}
 
 
 if __name__ == "__main__":
