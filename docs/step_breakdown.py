@@ -1,4 +1,4 @@
-"""Where a lesson 02 step goes: `grpo_step` timed piece by piece, for one or several versions of the code.
+"""Where a lesson 02 step goes: `grpo_step` timed piece by piece, for one or several code versions.
 
 The versions are loaded in one process and take turns step by step, so a slower minute of a shared
 machine slows all of them alike; each prints the median of its steps (after one warm-up step) for
@@ -10,7 +10,8 @@ sampling, pi_ref's log-probs, pi_theta's log-probs, the backward pass and the re
 
 Each version starts from pi_sft (early, short outputs) and, with --late_model, from a trained model
 (late, longer outputs). The versions must share pi_sft (the last one's is loaded for all).
-On a GPU: --device cuda (each piece between two CUDA synchronisations); the real model: --model smollm2.
+On a GPU: --device cuda (each piece between two CUDA synchronisations); the real model:
+--model smollm2.
 """
 import argparse
 import collections
@@ -34,13 +35,17 @@ def load_module(path: str, name: str):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("versions", nargs="+", help="LABEL=REPO_FOLDER, e.g. now=.")
-    parser.add_argument("--late_model", default="", help="a trained model folder (lesson 02's runs/.../model)")
+    parser.add_argument("--late_model", default="",
+                        help="a trained model folder (lesson 02's runs/.../model)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per version and start")
-    parser.add_argument("--device", default="cpu", help="cpu (one thread) or cuda: on a GPU every piece is timed "
-                                                         "between two synchronisations, so it is the GPU's time")
-    parser.add_argument("--model", default="tiny", help="tiny, smollm2, or any --model of the lessons")
-    parser.add_argument("--sft_steps", type=int, default=-1, help="pi_sft's SFT steps (default: the lesson's, "
-                                                                   "its PRETRAINED value for a pretrained model)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (one thread) or cuda: on a GPU every piece is timed between two "
+                             "synchronisations, so it is the GPU's time")
+    parser.add_argument("--model", default="tiny",
+                        help="tiny, smollm2, or any --model of the lessons")
+    parser.add_argument("--sft_steps", type=int, default=-1,
+                        help="pi_sft's SFT steps (default: the lesson's, its PRETRAINED value "
+                             "for a pretrained model)")
     args = parser.parse_args()
     if any("=" not in v for v in args.versions):
         sys.exit(f"error: versions are LABEL=REPO_FOLDER, got {args.versions}: e.g. now=.")
@@ -68,11 +73,14 @@ def main():
         sys.modules["common"] = common  # the lesson file imports `common`: this version's
         # and `plumbing` where that version has one (earlier versions kept it all in common.py)
         has_plumbing = Path(f"{repo}/plumbing.py").exists()
-        plumbing_v = load_module(f"{repo}/plumbing.py", f"plumbing_{label}") if has_plumbing else common
+        plumbing_v = (load_module(f"{repo}/plumbing.py", f"plumbing_{label}") if has_plumbing
+                      else common)
         sys.modules["plumbing"] = plumbing_v
         lesson = load_module(f"{repo}/02_grpo_outcome.py", f"lesson02_{label}")
-        # the lesson calls token_logprobs_by_length where it exists (which calls token_logprobs): time the outer call
-        log_probs = "token_logprobs_by_length" if hasattr(common, "token_logprobs_by_length") else "token_logprobs"
+        # the lesson calls token_logprobs_by_length where it exists (which calls token_logprobs):
+        # time the outer call
+        log_probs = ("token_logprobs_by_length" if hasattr(common, "token_logprobs_by_length")
+                     else "token_logprobs")
         common.sample = timed(common.sample, "sample")
         setattr(common, log_probs, timed(getattr(common, log_probs), None))
         versions[label] = (common, lesson, plumbing_v)
@@ -81,16 +89,21 @@ def main():
     from transformers import AutoModelForCausalLM
     common, lesson, plumbing = versions[list(versions)[-1]]
     device = plumbing.resolve_device(args.device)
+    pretrained_sft = getattr(lesson, "PRETRAINED", {}).get("sft_steps", plumbing.SFT_STEPS)
     sft_steps = args.sft_steps if args.sft_steps >= 0 else (
-        plumbing.SFT_STEPS if args.model == "tiny" else getattr(lesson, "PRETRAINED", {}).get("sft_steps", plumbing.SFT_STEPS))
+        plumbing.SFT_STEPS if args.model == "tiny" else pretrained_sft)
     ref_policy, tokenizer = plumbing.load_policy(args.model, sft_steps, device)
     ref_policy.eval().requires_grad_(False)
     for start_from in ["pi_sft"] + ([args.late_model] if args.late_model else []):
         policies, rows = {}, {}
         for label in versions:
-            policy = (copy.deepcopy(ref_policy) if start_from == "pi_sft" else plumbing._prepare(
-                AutoModelForCausalLM.from_pretrained(start_from, dtype=torch.float32), tokenizer, device))
-            policies[label] = (policy.requires_grad_(True), torch.optim.Adam(policy.parameters(), lr=1e-4))
+            if start_from == "pi_sft":
+                policy = copy.deepcopy(ref_policy)
+            else:
+                late = AutoModelForCausalLM.from_pretrained(start_from, dtype=torch.float32)
+                policy = plumbing._prepare(late, tokenizer, device)
+            optimizer = torch.optim.Adam(policy.parameters(), lr=1e-4)
+            policies[label] = (policy.requires_grad_(True), optimizer)
             rows[label] = collections.defaultdict(list)
         for step in range(args.steps + 1):  # step 0 is a warm-up
             for label, (common_v, lesson, _) in versions.items():
