@@ -168,9 +168,10 @@ def curves(files: list[str], metric: str, x: str = "step", methods=None) -> dict
     for path, label in labels.items():
         for row in read_steps(path, x):
             if is_number(row.get(metric)) and (methods is None or row.get("method") in methods):
-                group = row.get("method") or run_group(label)
+                run = run_group(label) or ("defaults" if several_groups else None)
+                group = row.get("method") or run
                 if row.get("method") and several_groups:
-                    group = f"{group} {run_group(label)}"  # "RFT 05_constant"
+                    group = f"{group} {run}"  # "RFT normaliser-constant", "RFT defaults"
                 xs, ys = out.setdefault((group, label), ([], []))
                 xs.append(row[x])
                 ys.append(row[metric])

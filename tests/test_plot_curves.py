@@ -161,13 +161,13 @@ def test_mean_pairs_runs_by_settings_and_seed(tmp_path):
     defaults = [write_jsonl(runs / f"seed{s}" / "metrics.jsonl", rows) for s in range(3)]
     mu2 = [write_jsonl(runs / f"mu-2_seed{s}" / "metrics.jsonl", rows) for s in range(2)]
     series = plot_curves.curves(defaults + mu2, "kl")
-    assert {group for group, _ in series} == {None, "mu-2"}
+    assert {group for group, _ in series} == {"defaults", "mu-2"}
     assert plot_curves.seed_of(mu2[1]) == 1 and plot_curves.seed_of(defaults[2]) == 2
     assert plot_curves.settings_of(mu2[0]) == plot_curves.settings_of(mu2[1])
     assert plot_curves.settings_of(mu2[0]) != plot_curves.settings_of(defaults[0])
     out = str(tmp_path / "02.png")
     message = one_line_error([*defaults, *mu2, "--metrics", "kl", "--mean", "--out", out])
-    assert "seeds 0,1,2" in message and "mu-2 seeds 0,1" in message
+    assert "defaults has seeds 0,1,2" in message and "mu-2 seeds 0,1" in message
     plot_curves.main([*defaults[:2], *mu2, "--metrics", "kl", "--mean", "--out", out])
     # two lessons' runs whose folders are both seed<N> are not averaged together as one run
     other = write_jsonl(tmp_path / "runs" / "01_ppo" / "seed1" / "metrics.jsonl", rows)
