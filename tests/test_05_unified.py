@@ -1,8 +1,9 @@
 """Lesson 05: every method's own loss has the gradient of the one unified loss, eq. (5)."""
+import copy
+import inspect
 import json
 import math
-import random
-import time
+import statistics
 
 import pytest
 import torch
@@ -86,7 +87,7 @@ def test_dpo_loss_has_the_sigmoid_gradient_coefficient(tiny):
     policy, ref, _, full = tiny
     chosen, rejected = L.dpo_pairs(PROBLEMS, full, G)
     assert (chosen, rejected) == ([0, 2], [1, 3])
-    batch = L.select(full, chosen + rejected)
+    batch = full.select(chosen + rejected)
     mask = batch.completion_mask.float()
     beta = 0.5
     logp = common.token_logprobs(policy, batch)
@@ -121,7 +122,7 @@ def test_grpo_objective_at_pi_old_equal_pi_theta(tiny, supervision):
     if supervision == "outcome":
         advantages = L.grpo_outcome_advantages(L.outcome_rewards(PROBLEMS, batch.texts, G), G)[:, None] * mask
     else:
-        advantages = L.grpo_process_advantages(PROBLEMS, batch, G)
+        advantages = process_advantages(batch)
     assert advantages.abs().sum() > 0
     logp = common.token_logprobs(policy, batch)
     with torch.no_grad():
@@ -139,7 +140,7 @@ def test_ppo_surrogate_at_pi_old_equal_pi_theta(tiny):
         ref_logp = common.token_logprobs(ref, batch)
     torch.manual_seed(0)
     values = torch.randn(mask.shape) * mask
-    rewards = L.ppo_token_rewards(torch.tensor([1.0, 0, 1, 0]), logp.detach(), ref_logp, mask, beta=0.1)
+    rewards, _ = L.kl_penalised_rewards(torch.tensor([1.0, 0, 1, 0]), logp.detach(), ref_logp, mask, 0.1)
     advantages = L.whiten(L.gae(rewards, values, mask, gamma=1.0, lam=0.95)[0], mask)
     ratio = torch.exp(logp - logp.detach())  # eq. (1) with pi_old = pi_theta
     surrogate = torch.min(ratio * advantages, torch.clamp(ratio, 0.8, 1.2) * advantages)
@@ -158,9 +159,15 @@ def test_outcome_advantages_by_hand():
     assert adv.tolist() == [1.0, -1.0, 0.0, 0.0]  # the second group is all right: no signal
 
 
+def process_advantages(batch):
+    """GRPO+PS's A_{i,t} as update() makes it: lesson 03's step rewards and advantages, masked."""
+    T = batch.completion_ids.shape[1]
+    return L.grpo_process_advantages(*L.step_rewards(PROBLEMS, batch, G), G, T) * batch.completion_mask
+
+
 def test_process_advantages_by_hand(tiny):
     *_, batch = tiny
-    adv = L.grpo_process_advantages(PROBLEMS, batch, G)
+    adv = process_advantages(batch)
     # group 1: steps [T, T, T, T] and [T, F, F] + the "-9" step never written (0, at the EOS, token 23);
     # R has 5 ones and 3 zeros
     mean, std = 5 / 8, math.sqrt(5 / 8 * 3 / 8)
@@ -211,7 +218,6 @@ SMALL = dict(steps=3, batch_size=2, group_size=2, max_new_tokens=8, eval_every=0
 
 
 def test_rft_data_is_sampled_once_from_the_sft_model(tiny, spy, monkeypatch):
-    import copy
     sft, _, tokenizer, _ = tiny
     args = L.Args(**SMALL)
     offline = L.offline_data(sft, tokenizer, args, seed=0)
@@ -232,7 +238,6 @@ def test_rft_data_is_sampled_once_from_the_sft_model(tiny, spy, monkeypatch):
 
 
 def test_online_rft_samples_from_the_current_policy(tiny, spy, monkeypatch):
-    import copy
     sft, _, tokenizer, _ = tiny
     # a random model is never right: count every output as right, so GC = I(o) = 1 and the policy moves
     monkeypatch.setattr(L, "outcome_rewards", lambda problems, texts, g: torch.ones(len(texts)))
@@ -248,11 +253,9 @@ def test_online_rft_samples_from_the_current_policy(tiny, spy, monkeypatch):
 
 
 def test_main_end_to_end_tiny(cache_dir, tmp_path, capsys):
-    started = time.time()
     argv = TINY + ["--cache_dir", cache_dir, "--out_dir", str(tmp_path), "--seeds", "0", "--eval_every", "1",
                    "--eval_curve", "4"]
     out = L.main(argv)
-    elapsed = time.time() - started
     names = [v[0] for v in L.METHODS.values()]
     assert list(out["final"]) == ["SFT model"] + names and all(len(v) == 1 for v in out["final"].values())
     assert len(out["findings"]) == 5
@@ -261,16 +264,19 @@ def test_main_end_to_end_tiny(cache_dir, tmp_path, capsys):
     assert all("test_greedy" in x for x in lines if not x.get("final"))  # --eval_every 1
     assert sum(bool(x.get("final")) for x in lines) == 1 + len(names)
     printed = capsys.readouterr().out
-    assert "gc_grpo: return (advantages + beta * (torch.exp(ref_logp - logp.detach()) - 1)) * mask" in printed
+    assert "| GRPO+OS | q ~ P_sft(Q), {o_i} ~ pi_theta(O|q): online |" in printed
+    assert "A_{i,t} + beta * (pi_ref/pi_theta - 1) |" in printed
     assert "What GRPO saves" in printed
-    # one seed: the criterion gives no verdict, for every finding
-    assert [verdict for _, verdict, _ in out["findings"]] == ["inconclusive, 1 seed"] * 5
-    assert printed.count("- [inconclusive, 1 seed] ") == 5
+    # one seed: no verdict; under 1/|o| the two comparisons with Online RFT are labelled, not judged
+    assert [row["verdict"] for row in out["findings"]] == [L.ARTIFACT] * 2 + ["inconclusive, 1 seed"] * 3
+    assert printed.count("- [inconclusive, 1 seed] ") == 3
+    assert printed.count("smallest detectable difference n/a (one seed); test-set error ± ") == 5
+    kept = json.loads(open(out["findings_file"]).read())  # the per-seed values of every finding
+    assert [row["per_seed"] for row in kept["findings"]] == [row["per_seed"] for row in out["findings"]]
     # the report is made from the logs alone: --report_only prints the same tables and findings again
     again = L.main(argv + ["--report_only"])
     assert again["findings"] == out["findings"] and again["final"] == out["final"]
     assert printed.split("Final evaluation")[1] == capsys.readouterr().out.split("Final evaluation")[1]
-    assert elapsed < 60
 
 
 def test_mean_and_std_over_seeds():
@@ -280,9 +286,9 @@ def test_mean_and_std_over_seeds():
 
 @pytest.mark.parametrize("argv,message", [
     (["--methods", "ppo,ppo2"], "unknown method 'ppo2'"), (["--group_size", "1"], "--group_size 1"),
-    (["--lr", "-1"], "error: --lr -1.0: the learning rate must be finite and > 0"),
+    (["--lr", "-1"], "error: --lr -1.0: must be > 0"),
     (["--lr", "nan"], "error: --lr nan: must be a finite number"),
-    (["--value_lr", "0"], "error: --value_lr 0.0: the learning rate must be finite and > 0"),
+    (["--value_lr", "0"], "error: --value_lr 0.0: must be > 0"), (["--micro_batch_size", "-1"], "must be >= 0"),
     (["--k", "-1"], "error: --k -1: must be >= 1"), (["--k", "0"], "--k 0: must be >= 1"),  # the findings need Maj@K
     (["--eval_test", "-5"], "error: --eval_test -5: must be >= 1"),
     (["--grop_size", "4"], "error: unrecognized arguments: --grop_size 4"),
@@ -297,49 +303,18 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys, no_model):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The copies of lessons 02 and 03 (repeated on purpose, so each lesson reads alone) are pinned to them
+# The copies of lessons 01, 02 and 03 (repeated on purpose, so each lesson reads alone) are identical to them
 
-THIRD = {"question": "9-4*5", "start": 9, "ops": [("-", 4), ("*", 5)], "answer": 25}
-
-
-def outputs_of_every_kind(problem):
-    """Right, wrong, cut short, answer only, empty, garbage, and a solution with extra lines after it."""
-    solution, answer = common.solution_text(problem), problem["answer"]
-    return [solution, solution.replace(f"#### {answer}", f"#### {answer + 1}"), solution.replace("=", "=1", 1),
-            *(solution[:n] for n in (1, 4, 7, len(solution) - 3)), f"#### {answer}\n", f"#### {answer}", "",
-            "12*=+#\n##", " 7\n\n3", solution + "1+1=2\n#### 3\n", solution + solution]
+COPIES = {"02_grpo_outcome": ["outcome_rewards", "grpo_outcome_advantages"],
+          "03_grpo_process": ["step_rewards", "grpo_process_advantages"],
+          "01_ppo": ["last_token_index", "kl_penalised_rewards", "gae", "whiten", "load_value_model", "token_values"]}
 
 
-def test_outcome_copies_match_lesson_02():
-    lesson02 = load_lesson("02_grpo_outcome")
-    torch.manual_seed(0)
-    for G in (2, 3, 4, 8):
-        rewards = (torch.rand(6 * G) < 0.4).float()
-        rewards[:G] = 1.0  # one group with no signal
-        assert torch.equal(L.grpo_outcome_advantages(rewards, G), lesson02.grpo_outcome_advantages(rewards, G))
-    problems = [PROBLEM, OTHER, THIRD]
-    texts = [t for p in problems for t in outputs_of_every_kind(p)]
-    n = len(texts) // len(problems)
-    assert torch.equal(L.outcome_rewards(problems, texts, n), lesson02.outcome_rewards(problems, texts, n))
-
-
-def test_process_advantages_match_lesson_03():
-    lesson03 = load_lesson("03_grpo_process")
-    tokenizer = plumbing.build_char_tokenizer()
-    problems = [PROBLEM, OTHER, THIRD]
-    rng = random.Random(0)
-    for G in (2, 3, 4):
-        groups = [[rng.sample(outputs_of_every_kind(p), G) for p in problems] for _ in range(6)]
-        groups.append([[common.solution_text(p)] * G for p in problems])  # all steps right: no signal
-        groups.append([[""] * G, [common.solution_text(OTHER)] * (G - 1) + [""], ["#### 25"] * G])
-        for group in groups:
-            texts = [t for texts_q in group for t in texts_q]
-            prompts = [common.prompt_text(p) for p in problems for _ in range(G)]
-            batch = common.build_batch(tokenizer, prompts, texts, "cpu")
-            T = batch.completion_ids.shape[1]
-            ours = L.grpo_process_advantages(problems, batch, G)  # [3G, T]
-            theirs = lesson03.grpo_process_advantages(*lesson03.step_rewards(problems, batch, G), G, T)  # [3G, T]
-            assert torch.allclose(ours, theirs * batch.completion_mask, atol=1e-5), (G, texts)
+@pytest.mark.parametrize("lesson", list(COPIES))
+def test_copies_are_character_for_character_the_owners(lesson):
+    owner = load_lesson(lesson)
+    for name in COPIES[lesson]:
+        assert inspect.getsource(getattr(L, name)) == inspect.getsource(getattr(owner, name)), name
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -390,7 +365,6 @@ def test_dpo_without_a_pair_makes_no_update(tiny):
     """Two DPO updates: the first batch has a pair per question (the policy moves), the second has none (no
     question with both a right and a wrong output): GC = 0 and no optimizer step, so the weights stay where
     the first update left them (an Adam step on a zero gradient would still move them by its momentum)."""
-    import copy
     sft, _, tokenizer, batch = tiny  # TEXTS: right, wrong for each of the two questions
     all_wrong = common.build_batch(tokenizer, [common.prompt_text(PROBLEMS[i // G]) for i in range(4)],
                                    [TEXTS[1], TEXTS[1], TEXTS[3], TEXTS[3]], "cpu")
@@ -405,34 +379,33 @@ def test_dpo_without_a_pair_makes_no_update(tiny):
     assert after[0] != start and after[1] == after[0]
 
 
-def test_ppo_pieces_equal_lesson_01s():
-    """Lesson 05's PPO is lesson 01's: the per-token KL-penalised reward of eq. (2), GAE, whitening, and the
-    value loss at the first update of a batch (V = V_old, so lesson 01's clip does not act)."""
+def test_ppo_value_loss_is_lesson_01s_at_the_first_update():
+    """The value loss of 05's PPO, 1/2 the mean squared error per token, is lesson 01's clipped value loss at
+    the first update of a batch (V = V_old, so lesson 01's clip does not act)."""
     ppo = load_lesson("01_ppo")
     g = torch.Generator().manual_seed(0)
     lengths, T = [5, 1, 3, 5], 5
     mask = torch.tensor([[1] * n + [0] * (T - n) for n in lengths])
-    logp, ref_logp = -torch.rand(4, T, generator=g), -torch.rand(4, T, generator=g)
-    scores, values = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.randn(4, T, generator=g) * mask
-    ours = L.ppo_token_rewards(scores, logp, ref_logp, mask, 0.1)
-    theirs, _ = ppo.kl_penalised_rewards(scores, logp, ref_logp, mask, 0.1)
-    assert torch.allclose(ours * mask, theirs, atol=1e-6)
-    for gamma, lam in ((1.0, 0.95), (1.0, 1.0), (0.9, 0.5)):
-        (a, r), (a1, r1) = L.gae(ours, values, mask, gamma, lam), ppo.gae(theirs, values, mask, gamma, lam)
-        assert torch.allclose(a, a1, atol=1e-6) and torch.allclose(r, r1, atol=1e-6)
-        assert torch.allclose(L.whiten(a, mask), ppo.whiten(a1, mask), atol=1e-5)
-    returns = L.gae(ours, values, mask, 1.0, 0.95)[1]
-    v = (values + 0.3 * torch.randn(4, T, generator=g)) * mask
-    value_loss_05 = 0.5 * (((v - returns) ** 2) * mask).sum() / mask.sum()  # as written in train_method
+    returns, v = torch.randn(4, T, generator=g) * mask, torch.randn(4, T, generator=g) * mask
+    value_loss_05 = 0.5 * (((v - returns) ** 2) * mask).sum() / mask.sum()  # as written in ppo_advantages
     value_loss_01, _ = ppo.clipped_value_loss(v, v, returns, mask, value_clip=0.2)
     assert value_loss_05.item() == pytest.approx(value_loss_01.item())
 
 
-def test_ppo_in_train_method_uses_the_value_loss_of_its_returns(tiny, monkeypatch):
+@pytest.fixture
+def saved_sft(tiny, tmp_path):
+    """The tiny policy saved to a folder, as pi_sft is: PPO's value model loads from sft.name_or_path."""
+    sft, _, tokenizer, _ = tiny
+    sft = copy.deepcopy(sft)
+    sft.save_pretrained(tmp_path)
+    sft.name_or_path = str(tmp_path)
+    return sft, tokenizer
+
+
+def test_ppo_in_train_method_uses_the_value_loss_of_its_returns(saved_sft, monkeypatch):
     """One PPO update through train_method: the logged value loss is 1/2 the mean squared error between V_psi
     (read before its update) and the GAE returns of the same batch."""
-    import copy
-    sft, _, tokenizer, _ = tiny
+    sft, tokenizer = saved_sft
     seen, real_gae = {}, L.gae
     monkeypatch.setattr(L, "gae", lambda rewards, values, mask, *a: seen.update(
         values=values.clone(), out=real_gae(rewards, values, mask, *a), mask=mask) or seen["out"])
@@ -444,30 +417,127 @@ def test_ppo_in_train_method_uses_the_value_loss_of_its_returns(tiny, monkeypatc
     assert log.records[-1]["value_loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_findings_on_several_seeds_from_the_logs(tmp_path, capsys):
-    """--report_only on three seeds' logs written here: each finding compares the right pair in the right
-    direction and gets the stated rule's verdict (reproduced, contradicted, inconclusive)."""
-    greedy = {"SFT model": [.40, .40, .40], "RFT": [.50, .52, .51], "Online RFT": [.60, .63, .61],
-              "GRPO+OS": [.55, .56, .54], "GRPO+PS": [.56, .54, .56]}  # Online-RFT: +.10 +.11 +.10; GRPO-Online: -.05 -.07 -.07
-    maj = {"SFT model": [.50] * 3, "GRPO+OS": [.70, .72, .71]}  # +.20 +.22 +.21
-    pas = {"SFT model": [.80] * 3, "GRPO+OS": [.85, .70, .95]}  # +.05 -.10 +.15: Maj gain - Pass gain .15 .32 .06
-    for seed in range(3):
+def stand_in_logs(folder, greedy, maj=None, pas=None, seeds=(0, 1, 2)):
+    """metrics.jsonl of each seed with only the final lines, from per-seed greedy (Maj@8, Pass@8) values."""
+    maj, pas = maj or {}, pas or {}
+    for seed in seeds:
         lines = []
         for name, values in greedy.items():
+            if seed >= len(values):
+                continue  # this method did not run on this seed
             after = {"test_greedy": values[seed], "test_maj@8": maj.get(name, [.5] * 3)[seed],
                      "test_pass@8": pas.get(name, [.8] * 3)[seed], "ood_greedy": 0.0}
             cost = {} if name == "SFT model" else {"time_per_step": 1.0, "state_mb": 10.0, "trainable_params": 5,
                                                    "models": "policy"}
             lines.append(json.dumps({"method": name, "final": True, "seed": seed, "after": after, **cost}))
-        (tmp_path / f"seed{seed}").mkdir()
-        (tmp_path / f"seed{seed}" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    out = L.main(["--report_only", "--seeds", "0,1,2", "--out_dir", str(tmp_path),
+        (folder / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+        (folder / f"seed{seed}" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+GREEDY = {"SFT model": [.40, .40, .40], "RFT": [.50, .52, .51], "Online RFT": [.60, .63, .61],
+          "GRPO+OS": [.55, .56, .54], "GRPO+PS": [.56, .54, .56]}  # Online-RFT: +.10 +.11 +.10; GRPO-Online: -.05 -.07 -.07
+
+
+@pytest.mark.parametrize("normaliser", ["constant", "output"])
+def test_findings_on_several_seeds_from_the_logs(tmp_path, capsys, normaliser):
+    """--report_only on three seeds' logs written here: each finding compares the right pair in the right
+    direction and gets the stated rule's verdict (reproduced, contradicted, inconclusive); under 1/|o| the two
+    comparisons with Online RFT are labelled as the artifact's, not judged. Each row gives the smallest
+    difference its seeds could detect (2 std) and the test set's binomial error, and keeps its per-seed values."""
+    maj = {"SFT model": [.50] * 3, "GRPO+OS": [.70, .72, .71]}  # +.20 +.22 +.21
+    pas = {"SFT model": [.80] * 3, "GRPO+OS": [.85, .70, .95]}  # +.05 -.10 +.15: Maj gain - Pass gain .15 .32 .06
+    stand_in_logs(tmp_path, GREEDY, maj, pas)
+    out = L.main(["--report_only", "--seeds", "0,1,2", "--out_dir", str(tmp_path), "--normaliser", normaliser,
                   "--methods", "rft,online_rft,grpo_os,grpo_ps"])
-    assert [(claim, verdict) for claim, verdict, _ in out["findings"]] == [
-        ("Online RFT ends above RFT (Figure 5)", "reproduced"),
-        ("GRPO ends above Online RFT (Figure 5)", "contradicted"),
+    first = ["reproduced", "contradicted"] if normaliser == "constant" else [L.ARTIFACT] * 2
+    assert [(row["claim"], row["verdict"]) for row in out["findings"]] == [
+        ("Online RFT ends above RFT (Figure 5)", first[0]),
+        ("GRPO ends above Online RFT (Figure 5)", first[1]),
         ("GRPO+PS ends above GRPO+OS (Figure 5)", "inconclusive"),  # +.01 -.02 +.02
         ("RL (GRPO+OS) raises Maj@8", "reproduced"),
         ("RL (GRPO+OS) raises Maj@8 more than Pass@8", "inconclusive")]  # all > 0, but the mean .18 < 2 std .26
-    assert "+10.3 ± 0.6 pts" in out["findings"][0][2] and "-6.3 ± 1.2 pts" in out["findings"][1][2]
-    assert "[reproduced] Online RFT ends above RFT" in capsys.readouterr().out
+    rows = out["findings"]
+    assert "+10.3 ± 0.6 pts" in rows[0]["numbers"] and "-6.3 ± 1.2 pts" in rows[1]["numbers"]
+    assert rows[0]["detectable"] == pytest.approx(2 * 0.005774, rel=1e-3)  # 2 std of .10 .11 .10
+    # the test set's error of Online RFT - RFT at seed 0: sqrt((.6 * .4 + .5 * .5) / 200) = 4.95 points
+    assert rows[0]["test_error"] == pytest.approx(statistics.mean(
+        math.sqrt((a * (1 - a) + b * (1 - b)) / 200) for a, b in zip(GREEDY["Online RFT"], GREEDY["RFT"])))
+    assert rows[0]["per_seed"] == pytest.approx([.10, .11, .10])
+    kept = json.loads(open(out["findings_file"]).read())
+    assert kept["findings"][0]["values"] == {"Online RFT": GREEDY["Online RFT"], "RFT": GREEDY["RFT"]}
+    printed = capsys.readouterr().out
+    assert f"[{first[0]}] Online RFT ends above RFT" in printed
+    assert "smallest detectable difference 1.2 pts; test-set error ± 4.9 pts" in printed
+    assert "not that the two are the same" in printed
+
+
+def test_report_only_with_mismatched_seeds_stops_with_one_line(tmp_path, capsys):
+    """GRPO+OS has seeds 0, 1, 2 but Online RFT only 0, 1 (e.g. seed 2's log was overwritten by a subset run):
+    one line that says so, and no verdict."""
+    stand_in_logs(tmp_path, {**GREEDY, "Online RFT": GREEDY["Online RFT"][:2]})
+    argv = ["--report_only", "--seeds", "0,1,2", "--out_dir", str(tmp_path), "--methods", "online_rft,grpo_os"]
+    line = error_line(L.main, argv, capsys)
+    assert "Online RFT has seeds 0,1 of 0,1,2" in line
+    printed = capsys.readouterr().out
+    assert "findings" not in printed and "reproduced" not in printed and "inconclusive" not in printed
+    # seeds that ran with different settings are not paired either
+    stand_in_logs(tmp_path, GREEDY)
+    for seed, lr in ((0, 5e-5), (1, 5e-5), (2, 1e-4)):
+        (tmp_path / f"seed{seed}" / "settings.json").write_text(json.dumps({"lr": lr}))
+    assert "ran with different settings" in error_line(L.main, argv, capsys)
+
+
+def test_two_runs_differing_in_one_option_leave_two_logs(cache_dir, tmp_path, monkeypatch):
+    """Without --out_dir each run's folder names its non-default options and seed; a --methods subset run in
+    the same folder keeps the other methods' records."""
+    monkeypatch.chdir(tmp_path)
+    argv = TINY + ["--cache_dir", cache_dir, "--seeds", "0", "--eval_every", "0", "--steps", "1"]
+    first = L.main(argv + ["--methods", "sft"])["dirs"][0]
+    second = L.main(argv + ["--methods", "sft", "--lr", "1e-4"])["dirs"][0]
+    assert first != second and "lr-0.0001" in second and first.endswith("_seed0")
+    for folder in (first, second):
+        assert {json.loads(x)["method"] for x in open(f"{folder}/metrics.jsonl")} == {"SFT model", "SFT"}
+    L.main(argv + ["--methods", "rft"])  # the same settings as the first run: its folder, SFT kept
+    methods = [json.loads(x)["method"] for x in open(f"{first}/metrics.jsonl")]
+    assert {"SFT", "RFT"} <= set(methods) and methods.count("SFT model") == 1
+    both = L.main(argv + ["--methods", "sft,rft", "--report_only"])
+    assert list(both["final"]) == ["SFT model", "SFT", "RFT"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gradient accumulation: micro-batches of 3 of 8 outputs give the whole batch's gradient, for every method
+
+TEXTS8 = [TEXTS[0], TEXTS[1], "7+5=12\n#### 12\n", "#### 27\n", TEXTS[2], TEXTS[3], "#### 10\n", "2*3=6\n"]
+
+
+def update_gradients(method, policy, sft, batch, micro_batch_size, normaliser):
+    """The policy's (and for PPO the value model's) gradient after one update() at micro_batch_size, with
+    optimizers that do not move (SGD at lr 0) and no clipping, and the record update() returned."""
+    args = L.Args(group_size=4, micro_batch_size=micro_batch_size, normaliser=normaliser, max_grad_norm=1e9,
+                  max_new_tokens=40)
+    policy = copy.deepcopy(policy).requires_grad_(True)
+    critic = None
+    if method == "ppo":
+        torch.manual_seed(0)
+        value_model = L.load_value_model(sft.name_or_path, "cpu").eval()
+        critic = (value_model, torch.optim.SGD(value_model.parameters(), lr=0.0))
+    record = L.update(method, PROBLEMS, batch, policy, sft, torch.optim.SGD(policy.parameters(), lr=0.0),
+                      critic, args)
+    models = [policy] + ([critic[0]] if critic else [])
+    return torch.cat([p.grad.flatten() for m in models for p in m.parameters() if p.grad is not None]), record
+
+
+@pytest.mark.parametrize("normaliser", ["output", "constant", "token"])
+@pytest.mark.parametrize("method", list(L.METHODS))
+def test_micro_batches_give_the_whole_batch_gradient(saved_sft, method, normaliser):
+    """Tolerance: max |difference| <= 1e-5 x the largest gradient entry (float32 sums in another order)."""
+    sft, tokenizer = saved_sft
+    policy = plumbing.build_tiny_model(tokenizer, seed=3).eval()  # != pi_ref, so the KL terms are not 0
+    prompts = [common.prompt_text(PROBLEMS[i // 4]) for i in range(8)]
+    batch = common.build_batch(tokenizer, prompts, TEXTS8, "cpu")
+    whole, record = update_gradients(method, policy, sft, batch, 0, normaliser)
+    parts, record3 = update_gradients(method, policy, sft, batch, 3, normaliser)
+    assert whole.abs().max() > 1e-6  # a real gradient
+    assert (whole - parts).abs().max() <= 1e-5 * whole.abs().max()
+    for key, value in record.items():
+        assert record3[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
