@@ -67,9 +67,8 @@ NEEDS_PI_REF = ("dpo", "ppo", "grpo_os", "grpo_ps")
 
 @dataclass
 class Args:
-    normaliser: str = arg("output", "divides each output's sum in eq. (5): output (1/|o|, the "
-                          "paper), constant (Dr. GRPO), token (DAPO)",
-                          choices=("output", "constant", "token"))
+    normaliser: str = arg("output", "output: eq. (5)'s 1/|o|; constant: 1/max_new_tokens (Dr. "
+                          "GRPO); token: 1/tokens (DAPO)", choices=("output", "constant", "token"))
     methods: str = arg(",".join(METHODS), "comma-separated subset of " + ",".join(METHODS))
     seeds: str = arg("0,1,2", "comma-separated seeds; every method runs once per seed")
     model: str = arg("tiny", "tiny (built in), smollm2, a model folder, a .gguf file or a hub id")
