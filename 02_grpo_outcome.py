@@ -235,9 +235,9 @@ def main(argv=None):
 
 
 def report(policy, ref_policy, tokenizer, before, args, log, out_dir, device, started) -> dict:
-    memory = plumbing.peak_memory(device)  # sampling, pi_ref and the updates (and evaluation)
     after = common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
                             args.temperature, args.max_new_tokens)
+    memory = plumbing.peak_memory(device)  # the whole run's: sampling, updates, evaluations
     policy.save_pretrained(f"{out_dir}/model")
     tokenizer.save_pretrained(f"{out_dir}/model")
     log.write({"final": True, "before": before, "after": after, "memory": memory,

