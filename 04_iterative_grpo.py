@@ -76,8 +76,7 @@ class Args:
     group_size: int = arg(8, "G: outputs sampled per question (a baseline needs 2)", min=2)
     micro_batch_size: int = arg(0, "outputs per forward/backward pass; 0: the whole batch", min=0)
     lr: float = arg(1e-4, "Adam learning rate of the policy", above=0)
-    warmup_steps: int = arg(20, "steps of linear learning-rate warm-up (once, not per iteration)",
-                            min=0)
+    warmup_steps: int = arg(20, "steps of linear learning-rate warm-up, once per run", min=0)
     beta: float = arg(0.04, "KL coefficient beta of eq. (3)", min=0)
     clip_eps: float = arg(0.2, "clip range epsilon of eq. (3)", min=0, below=1)
     mu: int = arg(1, "GRPO iterations per sampled batch (1 in the paper)", min=1)
@@ -93,8 +92,7 @@ class Args:
     rm_init_questions: int = arg(128, "questions whose G pi_sft samples first train r_phi", min=1)
     rm_init_steps: int = arg(100, "r_phi training steps on pi_sft's samples, before line 2", min=0)
     rm_steps: int = arg(50, "r_phi training steps at the end of each iteration (line 12)", min=0)
-    replay_fraction: float = arg(0.1, "share of each r_phi batch replayed from earlier data", min=0,
-                                 below=1, must="must be in [0, 1): some of each batch is new")
+    replay_fraction: float = arg(0.1, "share of r_phi batches from history", min=0, below=1)
     rm_eval_questions: int = arg(64, "test questions whose G samples measure r_phi", min=1)
     eval_test: int = arg(200, "test problems evaluated (greedy after every iteration)", min=1)
     eval_ood: int = arg(200, "out-of-distribution (longer) problems evaluated", min=0)
