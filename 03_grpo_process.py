@@ -280,7 +280,7 @@ def main(argv=None):
 
     policy, tokenizer = load()
     ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: pi_sft, frozen
-    before = evaluate(policy, tokenizer, args)
+    before = evaluate_with_step_errors(policy, tokenizer, args)
     print(plumbing.results_table({"SFT model": before}))
     after = {}
     supervisions = ["outcome", "process"] if args.supervision == "both" else [args.supervision]
@@ -290,7 +290,7 @@ def main(argv=None):
         log = train(policy, ref_policy, tokenizer, args, supervision, f"{out_dir}/{supervision}",
                     device)
         memory = plumbing.peak_memory(device)  # so far: the largest of the runs
-        after[supervision] = evaluate(policy, tokenizer, args)
+        after[supervision] = evaluate_with_step_errors(policy, tokenizer, args)
         save(policy, tokenizer, log, f"{out_dir}/{supervision}", before, after[supervision],
              memory, started)
     return report(args, supervisions, before, after, out_dir, device, memory, started)
@@ -317,7 +317,7 @@ def step_record(step: int, computed: dict, supervision: str, group_size: int) ->
             "completion_len": computed["completion_len"]}
 
 
-def evaluate(model, tokenizer, args: Args) -> dict:
+def evaluate_with_step_errors(model, tokenizer, args: Args) -> dict:
     """Greedy accuracy, Maj@K, Pass@K and OOD (common.evaluate), and the step errors."""
     return {**common.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k,
                               args.temperature, args.max_new_tokens),

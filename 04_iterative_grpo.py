@@ -362,7 +362,7 @@ def main(argv=None):
     policy, tokenizer = plumbing.load_policy(args.model, args.sft_steps, device,
                                              args.cache_dir or None,
                                              micro_batch_size=args.micro_batch_size)
-    before = evaluate(policy, tokenizer, args, args.eval_ood, args.k)
+    before = evaluate_policy(policy, tokenizer, args, args.eval_ood, args.k)
     print(plumbing.results_table({"SFT model": before}))
     common.set_seed(args.seed)
     rng = random.Random(args.seed)  # draws r_phi's training batches
@@ -423,7 +423,7 @@ def mode_of(args: Args) -> str:
     return " and ".join(frozen) + " frozen" if frozen else "iterative"
 
 
-def evaluate(policy, tokenizer, args: Args, n_ood: int, k: int) -> dict:
+def evaluate_policy(policy, tokenizer, args: Args, n_ood: int, k: int) -> dict:
     return common.evaluate(policy, tokenizer, args.eval_test, n_ood, k, args.temperature,
                            args.max_new_tokens)
 
@@ -478,7 +478,7 @@ def iteration_record(log, policy, tokenizer, reward_model, sampled: dict, iterat
                      args: Args) -> dict:
     """After line 12: r_phi on the same probe samples before and after it, and greedy test."""
     rm_after = rm_agreement(reward_model, sampled, args.micro_batch_size)
-    test_greedy = evaluate(policy, tokenizer, args, 0, 0)["test_greedy"]
+    test_greedy = evaluate_policy(policy, tokenizer, args, 0, 0)["test_greedy"]
     record = {"iteration": iteration, "after_iteration": iteration,
               "policy_updates": iteration * args.steps * args.mu,
               "true_acc": sampled["labels"].mean().item(), "test_greedy": test_greedy,
@@ -498,7 +498,7 @@ def iteration_record(log, policy, tokenizer, reward_model, sampled: dict, iterat
 def report(policy, reward_model, tokenizer, before, records, log, out_dir, device, started,
            args: Args) -> dict:
     memory = plumbing.peak_memory(device)  # policy, pi_ref and r_phi, sampling and both trainings
-    after = evaluate(policy, tokenizer, args, args.eval_ood, args.k)
+    after = evaluate_policy(policy, tokenizer, args, args.eval_ood, args.k)
     policy.save_pretrained(f"{out_dir}/model")
     tokenizer.save_pretrained(f"{out_dir}/model")
     reward_model.save_pretrained(f"{out_dir}/reward_model")
