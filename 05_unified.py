@@ -517,13 +517,14 @@ def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, off
         critic = (value_model, torch.optim.Adam(value_model.parameters(), lr=args.value_lr))
         models.append(value_model)
     style = random.Random(seed)  # SFT's draws of worked vs answer-only demonstrations
-    name, times, peak = METHODS[method][0], [], 0
+    name, times, peak, seen = METHODS[method][0], [], 0, 0  # GPU: the updates' peak, all of it
     curve = lambda: quick_test_accuracy(policy, tokenizer, args.eval_curve, args.max_new_tokens)
     if log is not None and args.eval_every:
         log.write({"method": name, "step": 0, "test_greedy": curve()})
     bar = tqdm(range(1, args.steps + 1), desc=f"{name} seed {seed}", leave=False)
     for step in bar:
-        if device.type == "cuda":
+        if device.type == "cuda":  # what came before (a check, an evaluation) counts in `seen`
+            seen = max(seen, torch.cuda.max_memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
         t0 = plumbing.clock(device)
         problems, batch = data_source(method, step, policy, tokenizer, questions, offline, style,
@@ -539,7 +540,9 @@ def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, off
             log.write(record)
         bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()
                          if k in ("reward", "kl", "loss", "test_greedy")})
-    return costs(models, times, peak if device.type == "cuda" else None)
+    if device.type == "cuda":
+        seen = max(seen, torch.cuda.max_memory_allocated(device))
+    return costs(models, times, (peak, seen) if device.type == "cuda" else None)
 
 
 def quick_test_accuracy(policy, tokenizer, n, max_new_tokens):
@@ -550,7 +553,8 @@ def quick_test_accuracy(policy, tokenizer, n, max_new_tokens):
 
 def costs(models, times, peak_gpu) -> dict:
     """A method's cost: time per update, the state its models keep (weights, and for trainable ones
-    a gradient and Adam's two moments), trainable parameters, peak GPU memory of its updates."""
+    a gradient and Adam's two moments), trainable parameters; on a GPU peak_gpu = (the peak of its
+    updates, the peak of everything since the method before it)."""
     state = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1)
                 for m in models for p in m.parameters())
     out = {"time_per_step": statistics.mean(times), "state_mb": state / 2**20,
@@ -558,7 +562,7 @@ def costs(models, times, peak_gpu) -> dict:
                                    if p.requires_grad),
            "models": "+".join(["policy", "pi_ref", "value"][:len(models)])}
     if peak_gpu is not None:
-        out["peak_gpu_mb"] = peak_gpu / 2**20
+        out["peak_gpu_mb"], out["peak_gpu_seen_mb"] = peak_gpu[0] / 2**20, peak_gpu[1] / 2**20
     return out
 
 
@@ -660,11 +664,14 @@ def paradigm_table(methods) -> str:
 
 
 def memory_line(device, all_costs) -> str:
-    """The run's peak memory: on a GPU the most any method's update took, over all methods."""
+    """The run's peak memory: on a GPU the largest over every method, its updates and evaluations
+    (train_method resets torch's peak before each update, so torch's own reading is only the last
+    stretch); on a CPU the process's peak resident size."""
     if device.type != "cuda":
         return plumbing.peak_memory(device)
-    return (f"peak GPU memory {max(c['peak_gpu_mb'] for c in all_costs):.0f} MiB "
-            "(the largest over every method's updates)")
+    seen = max([c["peak_gpu_seen_mb"] for c in all_costs]
+               + [torch.cuda.max_memory_allocated(device) / 2**20])
+    return f"peak GPU memory {seen:.0f} MiB (over every method, updates and evaluations)"
 
 
 def mean_std(values):
