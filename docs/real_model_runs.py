@@ -41,11 +41,11 @@ JOBS = {
     "trl_seed0": ["docs/trl_grpo.py", "--seed", "0"],
 }
 # --smoke: the same jobs at tiny settings on the CPU (seconds each on a 2-layer cut)
-SMOKE = ["--sft_steps", "2", "--steps", "1", "--batch_size", "2", "--group_size", "2",
-         "--micro_batch_size", "2", "--eval_test", "2", "--eval_ood", "2", "--k", "2",
-         "--max_new_tokens", "16", "--device", "cpu"]
+SMOKE = ["--sft_steps", "2", "--steps", "1", "--batch_size", "2", "--micro_batch_size", "2",
+         "--eval_test", "2", "--eval_ood", "2", "--k", "2", "--max_new_tokens", "16",
+         "--device", "cpu"]
 SMOKE_EXTRA = {
-    "01_ppo": ["--minibatch_size", "2"],
+    "01_ppo": ["--minibatch_size", "2"],  # one output per question: no --group_size
     "04_iterative": ["--iterations", "2", "--rm_init_questions", "2", "--rm_init_steps", "1",
                      "--rm_steps", "1", "--rm_batch_size", "4", "--rm_eval_questions", "2"],
     "05_unified": ["--eval_every", "0"],
@@ -96,7 +96,8 @@ def commands(args, model: str) -> dict:
     """job -> the command line it runs."""
     out = {}
     for name in args.jobs:
-        extra = SMOKE + SMOKE_EXTRA.get(name, []) if args.smoke else []
+        group = [] if name == "01_ppo" else ["--group_size", "2"]
+        extra = SMOKE + group + SMOKE_EXTRA.get(name, []) if args.smoke else []
         out[name] = ([sys.executable, str(REPO / JOBS[name][0])] + JOBS[name][1:]
                      + ["--model", model, "--out_dir", str(args.out / name)] + extra)
     return out

@@ -182,3 +182,24 @@ def test_lesson_05_on_the_real_architecture(smollm2_cut, cache_dir, tmp_path):
                                     "--seeds", "0", "--eval_every", "0"] + REAL_TINY, tmp_path)
     names = [v[0] for v in load_lesson("05_unified").METHODS.values()]
     assert list(out["final"]) == ["SFT model"] + names  # all seven methods ran
+
+
+def test_the_real_model_lane_runs_whole_in_smoke_mode(smollm2_folder, cache_dir, tmp_path,
+                                                      monkeypatch):
+    """docs/real_model_runs.py --smoke: the GPU lane's own path (pi_sft built once, every job as a
+    process, the results page) on the CPU, with a 2-layer cut of SmolLM2 at tiny settings."""
+    import importlib.util as util
+
+    monkeypatch.setenv("PPO_GRPO_CACHE", cache_dir)  # the dequantised GGUF of smollm2_folder
+    spec = util.spec_from_file_location("real_model_runs", plumbing.REPO / "docs" / "real_model_runs.py")
+    runs = util.module_from_spec(spec)
+    spec.loader.exec_module(runs)
+    out = runs.main(["--smoke", "--out", str(tmp_path)])
+    assert all(d["finished"] for d in out["done"].values()), out["done"]
+    assert set(out["done"]) == set(runs.JOBS)
+    jobs_with_rows = {r["job"] for r in out["rows"]}
+    assert jobs_with_rows == set(runs.JOBS), jobs_with_rows  # every job wrote its before/after
+    page = (tmp_path / "results.md").read_text()
+    assert "## Section 5.2's findings on the real model" in page and "| ... more than Pass@8" in page
+    for job in runs.JOBS:
+        assert f"| {job} | yes |" in page
