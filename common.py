@@ -230,9 +230,8 @@ def sample(model, tokenizer, prompts: list[str], group_size: int = 1, temperatur
     The prompt's keys and values are computed once and repeated G times. Each step draws
     o_t ~ softmax(logits / temperature) over the whole vocabulary (no top-k, no top-p): exactly the
     pi_theta of token_logprobs, so the ratios pi_theta / pi_old start at 1. A row that has written
-    EOS leaves the batch and its cache. The draws are those of transformers' `generate` on the
-    G-times repeated prompts under the same seed, token for token (tests/test_common.py checks it);
-    greedy=True takes the argmax.
+    EOS leaves the batch and its cache. The draws are `generate`'s on the G-times repeated prompts
+    under the same seed, token for token (tests/test_common.py checks it); greedy: the argmax.
     """
     from transformers import DynamicCache
 
