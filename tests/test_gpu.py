@@ -86,10 +86,9 @@ def test_lesson_runs_on_the_gpu_with_every_model_and_batch_there(name, cache_dir
         spy.wrap(lesson, "rm_logits")  # r_phi, scoring and training
         watched.append("rm_logits")
     if name == "05_unified":
-        real_init = lesson.ValueModel.__init__
-        created = []
-        monkeypatch.setattr(lesson.ValueModel, "__init__",
-                            lambda self, policy: (real_init(self, policy), created.append(self))[0])
+        real_load, created = lesson.load_value_model, []
+        monkeypatch.setattr(lesson, "load_value_model",
+                            lambda *a: created.append(real_load(*a)) or created[-1])
     result = lesson.main(cuda_argv(name) + EXTRA[name] + ["--cache_dir", cache_dir, "--out_dir", str(tmp_path)])
     spy.assert_all_on_cuda(*watched)
     if name == "01_ppo":
