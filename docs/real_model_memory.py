@@ -30,9 +30,10 @@ LESSON = {"01": "01_ppo", "02": "02_grpo_outcome", "03": "03_grpo_process",
           "04": "04_iterative_grpo", "05": "05_unified"}
 ONE_STEP = ["--model", "smollm2", "--sft_steps", "0", "--steps", "1", "--eval_test", "0",
             "--eval_ood", "0", "--k", "0", "--device", "cpu"]
-EXTRA = {"03": ["--supervision", "process"],
-         "04": ["--iterations", "1", "--rm_init_steps", "1", "--rm_steps", "1"],
-         "05": ["--seeds", "0", "--eval_every", "0"]}
+EXTRA = {"03": ["--supervision", "process"],  # 04 and 05 evaluate at least 1 problem, K >= 1
+         "04": ["--iterations", "1", "--rm_init_steps", "1", "--rm_steps", "1", "--eval_test", "1",
+                "--k", "1"],
+         "05": ["--seeds", "0", "--eval_every", "0", "--eval_test", "1", "--k", "1"]}
 
 
 class NoEOS:
