@@ -1,7 +1,8 @@
 """The whole real-model lane in one command: every lesson on SmolLM2-135M-Instruct, on one GPU.
 
     python docs/real_model_runs.py                  # on a GPU: about 9 minutes on one H200 (budget)
-    python docs/real_model_runs.py --smoke          # the same path on the CPU, a 2-layer cut, tiny
+    python docs/real_model_runs.py --smoke          # the same path on the CPU, a 2-layer cut, tiny,
+                                                    # one job per script
 
 It builds the shared pi_sft once (200 SFT steps), then runs as several processes sharing the GPU:
 lesson 01 (PPO), lesson 02 on three seeds, lesson 03 with both supervisions, lesson 04 with r_phi
@@ -51,6 +52,8 @@ SMOKE_EXTRA = {
     "05_unified": ["--eval_every", "0"],
 }
 SMOKE_EXTRA["04_frozen"] = SMOKE_EXTRA["04_iterative"]
+# --smoke runs one job per script (the path, not the findings: those need the GPU's seeds)
+SMOKE_JOBS = ["01_ppo", "02_seed0", "03_both", "04_iterative", "05_unified", "trl_seed0"]
 PRETRAINED_SFT_STEPS = 200  # every lesson's PRETRAINED sft_steps: one pi_sft serves them all
 
 
@@ -63,7 +66,8 @@ def parse_args(argv=None):
                         help="jobs at once (default: all of them on a GPU, 2 on the CPU)")
     parser.add_argument("--out", default="", help="where the runs go (default runs/real_model)")
     args = parser.parse_args(argv)
-    jobs = [j.strip() for j in args.only.split(",") if j.strip()] or list(JOBS)
+    jobs = [j.strip() for j in args.only.split(",") if j.strip()] or (
+        SMOKE_JOBS if args.smoke else list(JOBS))
     unknown = [j for j in jobs if j not in JOBS]
     if unknown:
         plumbing.fail(f"--only {','.join(unknown)}: unknown job; choose from {','.join(JOBS)}")
