@@ -289,6 +289,8 @@ def main(argv=None):
     if not args.smoke and not torch.cuda.is_available():
         plumbing.fail("no GPU: the real-model lane is for a GPU; --smoke runs it on the CPU")
     env = {**os.environ, "TQDM_MININTERVAL": "5"}
+    if args.smoke:  # two jobs at once on a CPU: one thread each, not two fighting over each core
+        env.setdefault("OMP_NUM_THREADS", "1")
     cache = Path(os.environ.get("PPO_GRPO_CACHE", plumbing.DEFAULT_CACHE))
     model = smoke_model(cache) if args.smoke else "smollm2"
     device = "CPU" if args.smoke else torch.cuda.get_device_name(0)
