@@ -21,23 +21,20 @@ pytestmark = [
 LIMIT = 14 * 2**30  # bytes
 
 
-class NoEOS:
-    """The tokenizer as `sample` sees it, with an EOS id no token has: every output runs to the limit."""
-
-    def __init__(self, tokenizer):
-        self._tokenizer, self.eos_token_id = tokenizer, -1
-
-    def __call__(self, *a, **k):
-        return self._tokenizer(*a, **k)
-
-    def __getattr__(self, name):
-        return getattr(self._tokenizer, name)
+def no_eos():
+    """docs/real_model_memory.py's NoEOS: the tokenizer as `sample` sees it, with an EOS id no token
+    has, so every output runs to the limit."""
+    spec = importlib.util.spec_from_file_location("real_model_memory",
+                                                  plumbing.REPO / "docs" / "real_model_memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    return memory.NoEOS
 
 
 @pytest.fixture
 def worst_case(monkeypatch):
     """Every completion at max_new_tokens, the worst case for memory."""
-    real = common.sample
+    real, NoEOS = common.sample, no_eos()
     monkeypatch.setattr(common, "sample", lambda model, tok, *a, **k: real(model, NoEOS(tok), *a, **k))
 
 

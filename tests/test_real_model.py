@@ -31,20 +31,21 @@ def smollm2_folder(cache_dir):
     return plumbing.gguf_to_folder(plumbing.smollm2_source(), plumbing.Path(cache_dir))
 
 
-@pytest.fixture(scope="session")
-def smollm2_cut(smollm2_folder, tmp_path_factory):
-    """SmolLM2-135M-Instruct with its first 2 decoder layers: everything else real."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_runs_script():
+    """docs/real_model_runs.py as a module (it is a script, not a package)."""
+    import importlib.util as util
 
-    model = AutoModelForCausalLM.from_pretrained(smollm2_folder, dtype=torch.float32)
-    model.model.layers = model.model.layers[:2]
-    model.config.num_hidden_layers = 2
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:2]
-    out = tmp_path_factory.mktemp("smollm2-2layers")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(smollm2_folder).save_pretrained(out)
-    return str(out)
+    spec = util.spec_from_file_location("real_model_runs", plumbing.REPO / "docs" / "real_model_runs.py")
+    runs = util.module_from_spec(spec)
+    spec.loader.exec_module(runs)
+    return runs
+
+
+@pytest.fixture(scope="session")
+def smollm2_cut(smollm2_folder, cache_dir):
+    """SmolLM2-135M-Instruct with its first 2 decoder layers: everything else real (the cut that
+    docs/real_model_runs.py --smoke builds, built once for the session)."""
+    return load_runs_script().smoke_model(plumbing.Path(cache_dir))
 
 
 def test_smollm2_is_the_packaged_gguf_and_dequantises_to_a_plain_llama(smollm2_folder, cache_dir):
@@ -188,12 +189,8 @@ def test_the_real_model_lane_runs_whole_in_smoke_mode(smollm2_folder, cache_dir,
                                                       monkeypatch):
     """docs/real_model_runs.py --smoke: the GPU lane's own path (pi_sft built once, every job as a
     process, the results page) on the CPU, with a 2-layer cut of SmolLM2 at tiny settings."""
-    import importlib.util as util
-
-    monkeypatch.setenv("PPO_GRPO_CACHE", cache_dir)  # the dequantised GGUF of smollm2_folder
-    spec = util.spec_from_file_location("real_model_runs", plumbing.REPO / "docs" / "real_model_runs.py")
-    runs = util.module_from_spec(spec)
-    spec.loader.exec_module(runs)
+    monkeypatch.setenv("PPO_GRPO_CACHE", cache_dir)  # the dequantised GGUF and the 2-layer cut
+    runs = load_runs_script()
     out = runs.main(["--smoke", "--out", str(tmp_path)])
     assert all(d["finished"] for d in out["done"].values()), out["done"]
     assert set(out["done"]) == set(runs.SMOKE_JOBS)  # one job per script of the GPU lane
