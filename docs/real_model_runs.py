@@ -4,9 +4,9 @@
     python docs/real_model_runs.py --smoke          # the same path on the CPU, a 2-layer cut, tiny,
                                                     # one job per script
 
-It builds the shared pi_sft once (200 SFT steps), then runs as several processes sharing the GPU:
-lesson 01 (PPO), lesson 02 on three seeds, lesson 03 with both supervisions, lesson 04 with r_phi
-re-trained and frozen, lesson 05 (every method, one seed) and TRL's GRPOTrainer beside lesson 02.
+It builds the shared pi_sft once (200 SFT steps), then runs one process per run, all sharing the
+GPU: lesson 01 (PPO), lesson 02 on three seeds, lesson 03's two supervisions, lesson 04 with r_phi
+re-trained and frozen, lesson 05's seven methods (one seed) and TRL's GRPOTrainer beside lesson 02.
 Jobs still running when the wall-clock budget ends are stopped and listed as not finished on the
 results page (a smaller --budget_minutes drops what does not finish; --only picks jobs).
 It writes each job's log and metrics under --out (runs/real_model) and one results page,
@@ -29,31 +29,37 @@ sys.path.insert(0, str(REPO))
 
 import plumbing  # noqa: E402
 
-# name -> the command's script and its own flags (every job also gets --model and --out_dir)
+# name -> the command's script and its own flags (every job also gets --model and --out_dir).
+# One process per run: lesson 03's two supervisions and lesson 05's seven methods run side by side
+# (each from the same pi_sft and seed, as one process would run them one after the other).
+METHODS_05 = ["sft", "rft", "dpo", "online_rft", "ppo", "grpo_os", "grpo_ps"]
 JOBS = {
     "01_ppo": ["01_ppo.py"],
     "02_seed0": ["02_grpo_outcome.py", "--seed", "0"],
     "02_seed1": ["02_grpo_outcome.py", "--seed", "1"],
     "02_seed2": ["02_grpo_outcome.py", "--seed", "2"],
-    "03_both": ["03_grpo_process.py", "--supervision", "both"],
+    "03_process": ["03_grpo_process.py", "--supervision", "process"],
+    "03_outcome": ["03_grpo_process.py", "--supervision", "outcome"],
     "04_iterative": ["04_iterative_grpo.py"],
     "04_frozen": ["04_iterative_grpo.py", "--frozen_rm"],
-    "05_unified": ["05_unified.py", "--seeds", "0"],
+    **{f"05_{m}": ["05_unified.py", "--seeds", "0", "--methods", m] for m in METHODS_05},
     "trl_seed0": ["docs/trl_grpo.py", "--seed", "0"],
 }
 # --smoke: the same jobs at tiny settings on the CPU (seconds each on a 2-layer cut)
 SMOKE = ["--sft_steps", "1", "--steps", "1", "--batch_size", "2", "--micro_batch_size", "2",
          "--eval_test", "2", "--eval_ood", "2", "--k", "2", "--max_new_tokens", "16",
          "--device", "cpu"]
-SMOKE_EXTRA = {
-    "01_ppo": ["--minibatch_size", "2"],  # one output per question: no --group_size
-    "04_iterative": ["--iterations", "2", "--rm_init_questions", "2", "--rm_init_steps", "1",
-                     "--rm_steps", "1", "--rm_batch_size", "4", "--rm_eval_questions", "2"],
-    "05_unified": ["--eval_every", "0"],
+SMOKE_EXTRA = {  # by script
+    "01_ppo.py": ["--minibatch_size", "2"],  # one output per question: no --group_size
+    "04_iterative_grpo.py": ["--iterations", "2", "--rm_init_questions", "2", "--rm_init_steps",
+                             "1", "--rm_steps", "1", "--rm_batch_size", "4",
+                             "--rm_eval_questions", "2"],
+    "05_unified.py": ["--eval_every", "0"],
 }
-SMOKE_EXTRA["04_frozen"] = SMOKE_EXTRA["04_iterative"]
 # --smoke runs one job per script (the path, not the findings: those need the GPU's seeds)
-SMOKE_JOBS = ["01_ppo", "02_seed0", "03_both", "04_iterative", "05_unified", "trl_seed0"]
+SMOKE_JOBS = ["01_ppo", "02_seed0", "03_process", "04_iterative", "05_grpo_os", "trl_seed0"]
+METHOD_NAMES = {"rft": "RFT", "online_rft": "Online RFT", "grpo_os": "GRPO+OS",
+                "grpo_ps": "GRPO+PS"}  # lesson 05's names of the methods its findings compare
 PRETRAINED_SFT_STEPS = 200  # every lesson's PRETRAINED sft_steps: one pi_sft serves them all
 
 
@@ -101,7 +107,7 @@ def commands(args, model: str) -> dict:
     out = {}
     for name in args.jobs:
         group = [] if name == "01_ppo" else ["--group_size", "2"]
-        extra = SMOKE + group + SMOKE_EXTRA.get(name, []) if args.smoke else []
+        extra = SMOKE + group + SMOKE_EXTRA.get(JOBS[name][0], []) if args.smoke else []
         out[name] = ([sys.executable, str(REPO / JOBS[name][0])] + JOBS[name][1:]
                      + ["--model", model, "--out_dir", str(args.out / name)] + extra)
     return out
@@ -186,8 +192,9 @@ def lesson_rows(args, done: dict) -> list:
         for sub, steps, finals in read_logs(args.out / name):
             step_time = statistics.mean(r["step_time"] for r in steps) if steps else None
             for final in finals:
-                if "after" not in final:
-                    continue
+                if "after" not in final or (final.get("method") == "SFT model" and any(
+                        r["method"] == "SFT model" for r in rows)):
+                    continue  # every 05 job evaluates pi_sft first (same seed): one row of it
                 label = name + ("" if sub == "." else f"/{sub}")
                 if "method" in final:
                     label += f" {final['method']}"
@@ -213,8 +220,8 @@ def finding_line(claim: str, diffs: list, what: str) -> str:
 
 def findings(rows: list, k: int = 8) -> list:
     """Section 5.2's findings on the real model, each judged by plumbing.verdict."""
-    def find(job, sub="", method=None):
-        return next((r for r in rows if r["job"] == job and sub in r["run"]
+    def find(job, method=None):
+        return next((r for r in rows if r["job"] == job
                      and (method is None or r["method"] == method)), None)
 
     seeds = [r for r in (find(f"02_seed{s}") for s in range(3)) if r]
@@ -226,13 +233,14 @@ def findings(rows: list, k: int = 8) -> list:
              finding_line(f"... more than Pass@{k}",
                           [gain(r, f"test_maj@{k}") - gain(r, f"test_pass@{k}") for r in seeds],
                           f"02, Maj@{k} gain - Pass@{k} gain")]
-    pairs = [("process supervision beats outcome", find("03_both", "process"),
-              find("03_both", "outcome"), "03 process - outcome"),
+    pairs = [("process supervision beats outcome", find("03_process"), find("03_outcome"),
+              "03 process - outcome"),
              ("iterative RL beats a frozen r_phi", find("04_iterative"), find("04_frozen"),
               "04 re-trained - frozen r_phi")]
-    for a, b in (("GRPO+OS", "Online RFT"), ("Online RFT", "RFT"), ("GRPO+PS", "GRPO+OS")):
-        pairs.append((f"{a} ends above {b}", find("05_unified", method=a),
-                      find("05_unified", method=b), f"05 {a} - {b}"))
+    for a, b in (("grpo_os", "online_rft"), ("online_rft", "rft"), ("grpo_ps", "grpo_os")):
+        name_a, name_b = (METHOD_NAMES[m] for m in (a, b))
+        pairs.append((f"{name_a} ends above {name_b}", find(f"05_{a}", name_a),
+                      find(f"05_{b}", name_b), f"05 {name_a} - {name_b}"))
     for claim, ra, rb, what in pairs:
         for key in ("test_greedy", "ood_greedy"):
             diffs = [ra["after"][key] - rb["after"][key]] if ra and rb else []
@@ -248,12 +256,15 @@ def write_page(args, rows: list, done: dict, prep_seconds: float, total: float, 
     lines = [f"# The real model's lane: {title}", "", f"Written by `{command}` on "
              f"{time.strftime('%Y-%m-%d')}, {device}; pi_sft built in {prep_seconds:.0f} s, "
              f"all jobs in {total / 60:.1f} min (budget {args.budget_minutes:g} min).", "",
-             "## Jobs", "", "| job | finished | seconds | log |", "|---|---|---|---|"]
+             "## Jobs", "", "| job | finished | seconds | steps logged | log |",
+             "|---|---|---|---|---|"]
     for name in args.jobs:
         d = done.get(name, {})
         status = "yes" if d.get("finished") else ("stopped at the budget" if d.get("stopped")
                                                   else f"failed (rc {d.get('rc')})")
-        lines.append(f"| {name} | {status} | {d.get('seconds', 0):.0f} | {d.get('log', '')} |")
+        steps = sum(len(s) for _, s, _ in read_logs(args.out / name))
+        lines.append(f"| {name} | {status} | {d.get('seconds', 0):.0f} | {steps} | "
+                     f"{d.get('log', '')} |")
     lines += ["", "## Before and after", "",
               f"| run | test greedy before -> after | Maj@{k} | Pass@{k} | OOD greedy | s/step "
               "| memory |",
@@ -289,8 +300,8 @@ def main(argv=None):
     if not args.smoke and not torch.cuda.is_available():
         plumbing.fail("no GPU: the real-model lane is for a GPU; --smoke runs it on the CPU")
     env = {**os.environ, "TQDM_MININTERVAL": "5"}
-    if args.smoke:  # two jobs at once on a CPU: one thread each, not two fighting over each core
-        env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # many jobs, few cores: one CPU thread each
+    env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
     cache = Path(os.environ.get("PPO_GRPO_CACHE", plumbing.DEFAULT_CACHE))
     model = smoke_model(cache) if args.smoke else "smollm2"
     device = "CPU" if args.smoke else torch.cuda.get_device_name(0)
