@@ -270,16 +270,6 @@ def clipped_value_loss(values, old_values, returns, mask, value_clip: float, num
     return value_loss, {"value_clip_frac": clip_frac}
 
 
-@torch.no_grad()
-def sampling_logprobs(model, batch: common.Batch, temperature: float, micro_batch_size: int):
-    """common.token_logprobs with no graph, at most micro_batch_size outputs a pass (0: all at
-    once): the log-probs of pi_old and pi_ref at sampling time.  # [N, T]"""
-    logp = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)
-    for rows in common.micro_batches(batch, micro_batch_size):
-        logp[rows] = common.token_logprobs(model, batch.select(rows), temperature)
-    return logp
-
-
 def rollout(policy, ref_policy, tokenizer, problems: list, args: Args) -> dict:
     """pi_old <- pi_theta; one output o ~ pi_old(.|q) per question q, scored by r_phi; the
     per-token rewards of eq. (2); and the minibatches of every epoch (the same for both models)."""
@@ -288,8 +278,8 @@ def rollout(policy, ref_policy, tokenizer, problems: list, args: Args) -> dict:
     batch = common.sample(policy, tokenizer, prompts, 1, T, args.max_new_tokens)
     mask = batch.completion_mask.float()  # [N, T]
     scores = outcome_scores(problems, batch.texts).to(mask.device)  # [N]: r_phi
-    old_logp = sampling_logprobs(policy, batch, T, M)  # [N, T]: pi_old
-    ref_logp = sampling_logprobs(ref_policy, batch, T, M)  # [N, T]: pi_ref
+    old_logp = common.no_grad_pass(common.token_logprobs, policy, batch, M, T)  # [N, T]: pi_old
+    ref_logp = common.no_grad_pass(common.token_logprobs, ref_policy, batch, M, T)  # pi_ref
     rewards, log_ratio = kl_penalised_rewards(scores, old_logp, ref_logp, mask, args.beta)
     minibatches = [idx.to(mask.device) for _ in range(args.ppo_epochs)  # a new order each epoch
                    for idx in torch.randperm(len(batch)).split(args.minibatch_size)]

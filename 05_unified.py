@@ -415,8 +415,8 @@ def update(method, problems, batch, policy, sft_model, optimizer, critic, args) 
             batch, n_samples = batch.select(chosen + rejected), len(chosen)
         mask = batch.completion_mask
     if method in NEEDS_PI_REF:  # log pi_theta and log pi_ref of every output, no graph  # [N, T]
-        logp = no_grad_pass(common.token_logprobs, policy, batch, mbs, T)
-        ref_logp = no_grad_pass(common.token_logprobs, sft_model, batch, mbs, T)
+        logp = common.no_grad_pass(common.token_logprobs, policy, batch, mbs, T)
+        ref_logp = common.no_grad_pass(common.token_logprobs, sft_model, batch, mbs, T)
         stats["kl"] = (((logp - ref_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
     # the gradient coefficient GC  # [N, T]
     if method == "sft":
@@ -470,7 +470,7 @@ def ppo_advantages(critic, batch, correct, logp, ref_logp, args):
     value_model, value_optimizer = critic
     mask = batch.completion_mask
     rewards, _ = kl_penalised_rewards(correct, logp, ref_logp, mask, args.beta)  # [N, T]
-    values = no_grad_pass(token_values, value_model, batch, args.micro_batch_size)  # [N, T]
+    values = common.no_grad_pass(token_values, value_model, batch, args.micro_batch_size)
     advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
     n_tokens = mask.float().sum().clamp(min=1)
     value_optimizer.zero_grad()
@@ -483,17 +483,6 @@ def ppo_advantages(critic, batch, correct, logp, ref_logp, args):
     torch.nn.utils.clip_grad_norm_(value_model.parameters(), args.max_grad_norm)
     value_optimizer.step()
     return whiten(advantages, mask), value_loss
-
-
-@torch.no_grad()
-def no_grad_pass(per_token, model, batch, micro_batch_size, *args):
-    """per_token(model, rows of batch, *args) ([n, T]) for every micro-batch, with no graph: the
-    log-probs of pi_theta or pi_ref, or V_psi's values, of the whole batch.  # [N, T]
-    (common.token_logprobs_no_grad cuts rows by length: the same numbers up to rounding.)"""
-    out = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)
-    for rows in common.micro_batches(batch, micro_batch_size):
-        out[rows] = per_token(model, batch.select(rows), *args)
-    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -316,14 +316,20 @@ def micro_batches(batch: Batch, size: int) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
+def no_grad_pass(per_token, model, batch: Batch, micro_batch_size: int, *args) -> torch.Tensor:
+    """per_token(model, rows of batch, *args) ([n, T]) for every micro-batch of at most
+    micro_batch_size outputs (0: all at once), with no graph: the log-probs of a frozen model
+    (pi_ref) or of the policy that sampled (pi_old), or a value model's values.  # [N, T]"""
+    out = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)  # [N, T]
+    for rows in micro_batches(batch, micro_batch_size):
+        out[rows] = per_token(model, batch.select(rows), *args)
+    return out
+
+
 def token_logprobs_no_grad(model, batch: Batch, temperature: float = 1.0,
                            micro_batch_size: int = 0) -> torch.Tensor:
-    """token_logprobs_by_length with no graph, at most micro_batch_size outputs a pass (0: all):
-    the log-probs of a frozen model (pi_ref) or of the policy that sampled (pi_old).  # [N, T]"""
-    logp = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)  # [N, T]
-    for rows in micro_batches(batch, micro_batch_size):
-        logp[rows] = token_logprobs_by_length(model, batch.select(rows), temperature)
-    return logp
+    """token_logprobs_by_length with no graph, micro-batched (lessons 02-04's pi_ref).  # [N, T]"""
+    return no_grad_pass(token_logprobs_by_length, model, batch, micro_batch_size, temperature)
 
 
 # --------------------------------------------------------------------------------------------------
