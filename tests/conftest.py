@@ -16,53 +16,6 @@ def load_lesson(name: str):
     return module
 
 
-REBUILD_TEST = "test_rebuilding_pi_sft_gives_the_shipped_one"
-
-
-@pytest.hookimpl(trylast=True)  # after -k / -m have deselected what they deselect
-def pytest_collection_modifyitems(session, config, items):
-    """The slowest test rebuilds pi_sft from scratch (800 SFT steps, minutes). When it is selected, the
-    rebuild starts now, in a process of its own with one thread, while the other tests run, and the
-    test that checks it runs last (tests/test_common.py)."""
-    import os
-    import subprocess
-    import tempfile
-
-    rebuild = [item for item in items if item.name == REBUILD_TEST]
-    if not rebuild or config.option.collectonly:
-        return
-    items[:] = [item for item in items if item.name != REBUILD_TEST] + rebuild
-    out = Path(tempfile.mkdtemp(prefix="pi_sft_rebuild_")) / "pi_sft"
-    log = open(out.parent / "log.txt", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "plumbing.py"), str(out)], stdout=log,
-                            stderr=subprocess.STDOUT,
-                            env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
-    config.pi_sft_rebuild = (proc, out, log)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    import shutil
-
-    rebuild = getattr(session.config, "pi_sft_rebuild", None)
-    if rebuild:
-        proc, out, log = rebuild
-        if proc.poll() is None:  # stopped early: do not leave it running
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(out.parent, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def pi_sft_rebuild(request):
-    """The folder the rebuild started at collection wrote, once it has finished."""
-    proc, out, log = request.config.pi_sft_rebuild
-    code = proc.wait()
-    log.close()
-    assert code == 0, (out.parent / "log.txt").read_text()[-3000:]
-    return out
-
-
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One SFT cache for the whole test session, never the user's ./cache."""
