@@ -58,8 +58,8 @@ SMOKE_EXTRA = {  # by script
                              "--rm_eval_questions", "2"],
     "05_unified.py": ["--eval_every", "0"],
 }
-# --smoke runs two jobs: the lane's own path (pi_sft once, processes, lane.json, the page), not the
-# lessons' (tests/test_real_model.py runs each lesson on the 2-layer cut and parses every job's line)
+# --smoke runs two jobs: the lane's own path (pi_sft once, processes, lane.json, the page), not
+# the lessons' (tests/test_real_model.py runs each lesson on the 2-layer cut, parses every job)
 SMOKE_JOBS = ["02_seed0", "05_grpo_os"]
 METHOD_NAMES = {"rft": "RFT", "online_rft": "Online RFT", "grpo_os": "GRPO+OS",
                 "grpo_ps": "GRPO+PS"}  # lesson 05's names of the methods its findings compare
