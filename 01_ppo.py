@@ -51,6 +51,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import task
 import plumbing
 from plumbing import arg
 
@@ -159,7 +160,7 @@ def token_values_no_grad(value_model, batch: common.Batch, micro_batch_size: int
 
 def outcome_scores(problems: list, texts: list) -> torch.Tensor:
     """r_phi(q, o): 1 if output o's final answer is right, else 0.  # [N]"""
-    return torch.tensor([float(common.verify(p, t)["correct"]) for p, t in zip(problems, texts)])
+    return torch.tensor([float(task.verify(p, t)["correct"]) for p, t in zip(problems, texts)])
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -274,12 +275,12 @@ def rollout(policy, ref_policy, tokenizer, problems: list, args: Args) -> dict:
     """pi_old <- pi_theta; one output o ~ pi_old(.|q) per question q, scored by r_phi; the
     per-token rewards of eq. (2); and the minibatches of every epoch (the same for both models)."""
     T, M = args.temperature, args.micro_batch_size
-    prompts = [common.prompt_text(p) for p in problems]
+    prompts = [task.prompt_text(p) for p in problems]
     batch = common.sample(policy, tokenizer, prompts, 1, T, args.max_new_tokens)
     mask = batch.completion_mask.float()  # [N, T]
     scores = outcome_scores(problems, batch.texts).to(mask.device)  # [N]: r_phi
-    old_logp = common.no_grad_pass(common.token_logprobs, policy, batch, M, T)  # [N, T]: pi_old
-    ref_logp = common.no_grad_pass(common.token_logprobs, ref_policy, batch, M, T)  # pi_ref
+    old_logp = common.token_logprobs(policy, batch, T, grad=False, micro_batch_size=M)  # pi_old
+    ref_logp = common.token_logprobs(ref_policy, batch, T, grad=False, micro_batch_size=M)  # pi_ref
     rewards, log_ratio = kl_penalised_rewards(scores, old_logp, ref_logp, mask, args.beta)
     minibatches = [idx.to(mask.device) for _ in range(args.ppo_epochs)  # a new order each epoch
                    for idx in torch.randperm(len(batch)).split(args.minibatch_size)]
@@ -361,14 +362,14 @@ def main(argv=None):
                                              args.cache_dir or None,
                                              micro_batch_size=args.micro_batch_size)
     ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: pi_sft, frozen
-    before = common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
+    before = task.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
                              args.temperature, args.max_new_tokens)
     print(plumbing.results_table({"SFT model": before}))
     # V_psi, from pi_sft; loaded after the evaluation, whose random state is then lesson 02's
     value_model = load_value_model(policy.name_or_path, device).eval()
 
     common.set_seed(args.seed)
-    problems = common.train_problems(args.seed)
+    problems = task.train_problems(args.seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     value_optimizer = torch.optim.Adam(value_model.parameters(), lr=args.value_lr)
     log = plumbing.MetricsLog(out_dir)
@@ -449,7 +450,7 @@ def cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer) -> di
 
 def report(policy, value_model, ref_policy, tokenizer, optimizer, value_optimizer, before, records,
            memory, log, args, out_dir, device, started) -> dict:
-    after = common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
+    after = task.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
                             args.temperature, args.max_new_tokens)
     policy.save_pretrained(f"{out_dir}/model")
     tokenizer.save_pretrained(f"{out_dir}/model")

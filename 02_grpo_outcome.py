@@ -45,6 +45,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import task
 import plumbing
 from plumbing import arg
 
@@ -90,7 +91,7 @@ PRETRAINED = {"sft_steps": 200, "steps": 40, "micro_batch_size": 16}
 
 def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tensor:
     """r_i: 1 if output i's final answer is right, else 0.  # [B*G]"""
-    graded = [common.verify(problems[i // group_size], t) for i, t in enumerate(texts)]
+    graded = [task.verify(problems[i // group_size], t) for i, t in enumerate(texts)]
     return torch.tensor([float(g["correct"]) for g in graded])
 
 
@@ -154,13 +155,14 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
     """One pass of the loop: sample a group per question from pi_old, score, then mu updates."""
     G, T = args.group_size, args.temperature
     # pi_old <- pi_theta; sample G outputs o_i ~ pi_old(.|q) for each question q
-    prompts = [common.prompt_text(p) for p in problems]
+    prompts = [task.prompt_text(p) for p in problems]
     batch = common.sample(policy, tokenizer, prompts, G, T, args.max_new_tokens)
     mask = batch.completion_mask  # [B*G, T]
     rewards = outcome_rewards(problems, batch.texts, G).to(mask.device)  # [B*G]
     advantages = grpo_outcome_advantages(rewards, G, args.scale_rewards == "group")  # [B*G]
     token_advantages = advantages[:, None].expand_as(mask)  # [B*G, T]: A_{i,t} = r~_i
-    ref_logp = common.token_logprobs_no_grad(ref_policy, batch, T, args.micro_batch_size)
+    ref_logp = common.token_logprobs(ref_policy, batch, T, grad=False,
+                                     micro_batch_size=args.micro_batch_size, buckets=4)
     old_logp = torch.zeros_like(ref_logp)  # [B*G, T] pi_old, filled by the first iteration
     num_outputs, num_tokens = len(batch), mask.sum().clamp(min=1)
     policy.train()
@@ -169,7 +171,7 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
         loss, kl, clip_frac = 0, 0, 0
         # gradient accumulation: each micro-batch's loss is its share of the whole batch's
         for rows in common.micro_batches(batch, args.micro_batch_size):
-            logp = common.token_logprobs_by_length(policy, batch.select(rows), T)  # [n, T]
+            logp = common.token_logprobs(policy, batch.select(rows), T, buckets=4)  # [n, T]
             if grpo_iteration == 0:  # pi_old is pi_theta before its first update
                 old_logp[rows] = logp.detach()
             part_loss, stats = grpo_loss(logp, old_logp[rows], ref_logp[rows],
@@ -201,13 +203,13 @@ def main(argv=None):
                                              args.cache_dir or None,
                                              micro_batch_size=args.micro_batch_size)
     ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: pi_sft, frozen
-    evaluate = lambda: common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
+    evaluate = lambda: task.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
                                        args.temperature, args.max_new_tokens)
     before = evaluate()
     print(plumbing.results_table({"SFT model": before}))
 
     common.set_seed(args.seed)
-    problems = common.train_problems(args.seed)
+    problems = task.train_problems(args.seed)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps)))
@@ -231,7 +233,7 @@ def main(argv=None):
 
 
 def report(policy, ref_policy, tokenizer, before, args, log, out_dir, device, started) -> dict:
-    after = common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
+    after = task.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
                             args.temperature, args.max_new_tokens)
     memory = plumbing.peak_memory(device)  # the whole run's: sampling, updates, evaluations
     policy.save_pretrained(f"{out_dir}/model")
@@ -253,10 +255,10 @@ def maj_pass_report(policy, ref_policy, tokenizer, args: Args, log) -> dict:
     ks = [2 ** i for i in range(args.maj_pass_k.bit_length()) if 2 ** i <= args.maj_pass_k]
     curves = {}
     for split in ("test", "ood"):
-        problems = common.make_split(split, args.maj_pass_problems)
+        problems = task.make_split(split, args.maj_pass_problems)
         for name, model in (("SFT model", ref_policy), ("after GRPO (outcome)", policy)):
             common.set_seed(args.seed)
-            curves[f"{split}, {name}"] = common.maj_pass_curve(
+            curves[f"{split}, {name}"] = task.maj_pass_curve(
                 model, tokenizer, problems, ks, args.maj_pass_temperature, args.max_new_tokens)
     log.write({"final": True, "maj_pass": curves, "ks": ks,
                "temperature": args.maj_pass_temperature, "problems": args.maj_pass_problems})

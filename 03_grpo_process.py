@@ -11,7 +11,7 @@ outputs of one question, with index(j) the token where step j ends and K_i the s
 Tokens after the last step (the EOS) get A = 0; a group whose step rewards are all equal gets A = 0.
 Every step an output never wrote (an operation with no line, or the answer line) is a step of
 reward 0 ending at the output's last token, and every line after the answer line a wrong step: a
-solution cut short must not earn more per step than the whole one (common.verify counts them).
+solution cut short must not earn more per step than the whole one (task.verify counts them).
 
 Outcome supervision (--supervision outcome, lesson 02): one reward per output,
 r~_i = (r_i - mean(r)) / std(r) within the group, A_{i,t} = r~_i for every token of o_i.
@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import task
 import plumbing
 from plumbing import arg
 
@@ -100,7 +101,7 @@ def step_rewards(problems: list, batch: common.Batch, group_size: int) -> tuple[
     last_token = (batch.completion_mask.sum(1) - 1).tolist()  # [N]
     rewards, index = [], []
     for i, (text, ends) in enumerate(zip(batch.texts, batch.step_ends)):
-        graded = common.verify(problems[i // group_size], text)
+        graded = task.verify(problems[i // group_size], text)
         rewards.append([float(ok) for ok in graded["steps"]] + [0.0] * graded["missing"])
         index.append(list(ends) + [last_token[i]] * graded["missing"])
     return rewards, index
@@ -140,7 +141,7 @@ def grpo_process_advantages(rewards: list, index: list, group_size: int, T: int)
 
 def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tensor:
     """r_i: 1 if output i's final answer is right, else 0.  # [B*G]"""
-    graded = [common.verify(problems[i // group_size], t) for i, t in enumerate(texts)]
+    graded = [task.verify(problems[i // group_size], t) for i, t in enumerate(texts)]
     return torch.tensor([float(g["correct"]) for g in graded])
 
 
@@ -210,7 +211,7 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
     (outcome): sample a group per question from pi_old, score, then mu updates of eq. (3)."""
     G, T = args.group_size, args.temperature
     # pi_old <- pi_theta; sample G outputs o_i ~ pi_old(.|q) for each question q
-    prompts = [common.prompt_text(p) for p in problems]
+    prompts = [task.prompt_text(p) for p in problems]
     batch = common.sample(policy, tokenizer, prompts, G, T, args.max_new_tokens)
     mask = batch.completion_mask  # [B*G, T]
     outcome = outcome_rewards(problems, batch.texts, G).to(mask.device)  # r_i  [B*G]
@@ -219,7 +220,8 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
         token_advantages = grpo_process_advantages(R, index, G, mask.shape[1]).to(mask.device)
     else:  # outcome: A_{i,t} = r~_i for every token of o_i
         token_advantages = grpo_outcome_advantages(outcome, G)[:, None].expand_as(mask)
-    ref_logp = common.token_logprobs_no_grad(ref_policy, batch, T, args.micro_batch_size)
+    ref_logp = common.token_logprobs(ref_policy, batch, T, grad=False,
+                                     micro_batch_size=args.micro_batch_size, buckets=4)
     old_logp = torch.zeros_like(ref_logp)  # [B*G, T] pi_old, filled by the first iteration
     num_outputs, num_tokens = len(batch), mask.sum().clamp(min=1)
     policy.train()
@@ -228,7 +230,7 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
         loss, kl, clip_frac = 0, 0, 0
         # gradient accumulation: each micro-batch's loss is its share of the whole batch's
         for rows in common.micro_batches(batch, args.micro_batch_size):
-            logp = common.token_logprobs_by_length(policy, batch.select(rows), T)  # [n, T]
+            logp = common.token_logprobs(policy, batch.select(rows), T, buckets=4)  # [n, T]
             if grpo_iteration == 0:  # pi_old is pi_theta before its first update
                 old_logp[rows] = logp.detach()
             part_loss, stats = grpo_loss(logp, old_logp[rows], ref_logp[rows],
@@ -249,7 +251,7 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
 def train(policy, ref_policy, tokenizer, args: Args, supervision: str, out_dir: str, device):
     """The GRPO loop with outcome or process supervision; writes out_dir/metrics.jsonl."""
     common.set_seed(args.seed)  # both supervisions see the same questions from the same state
-    problems = common.train_problems(args.seed, ops=plumbing.parse_ops(args.train_ops))
+    problems = task.train_problems(args.seed, ops=plumbing.parse_ops(args.train_ops))
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     warmup = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_steps)))
@@ -318,8 +320,8 @@ def step_record(step: int, computed: dict, supervision: str, group_size: int) ->
 
 
 def evaluate_with_step_errors(model, tokenizer, args: Args) -> dict:
-    """Greedy accuracy, Maj@K, Pass@K and OOD (common.evaluate), and the step errors."""
-    return {**common.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k,
+    """Greedy accuracy, Maj@K, Pass@K and OOD (task.evaluate), and the step errors."""
+    return {**task.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k,
                               args.temperature, args.max_new_tokens),
             **step_error_rates(model, tokenizer, args.eval_test, args.eval_ood,
                                args.max_new_tokens)}
@@ -332,14 +334,14 @@ def step_error_rates(model, tokenizer, n_test: int, n_ood: int, max_new_tokens: 
     included) and steps never written, over lines written plus steps never written."""
     result = {}
     for split, n in (("test", n_test), ("ood", n_ood)):
-        problems = common.make_split(split, n)
+        problems = task.make_split(split, n)
         wrong = total = 0
         for i in range(0, n, chunk):
             part = problems[i:i + chunk]
-            out = common.sample(model, tokenizer, [common.prompt_text(p) for p in part],
+            out = common.sample(model, tokenizer, [task.prompt_text(p) for p in part],
                                 greedy=True, max_new_tokens=max_new_tokens)
             for p, text in zip(part, out.texts):
-                graded = common.verify(p, text)
+                graded = task.verify(p, text)
                 wrong += graded["steps"].count(False) + graded["missing"]
                 total += len(graded["steps"]) + graded["missing"]
         if n:

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
+import task
 import plumbing
 from plumbing import arg
 
@@ -241,7 +242,7 @@ def reset_reference(policy):
 
 def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tensor:
     """r_i: 1 if output i's final answer is right, else 0.  # [B*G]"""
-    graded = [common.verify(problems[i // group_size], t) for i, t in enumerate(texts)]
+    graded = [task.verify(problems[i // group_size], t) for i, t in enumerate(texts)]
     return torch.tensor([float(g["correct"]) for g in graded])
 
 
@@ -307,13 +308,14 @@ def grpo_step(policy, ref_policy, reward_model, tokenizer, optimizer, problems: 
     the outputs labelled by the verifier (r_phi's next data; the update never sees the labels)."""
     G, T = args.group_size, args.temperature
     # line 6: pi_old <- pi_theta, the policy as it is now; line 7: G outputs o_i ~ pi_old(.|q)
-    prompts = [common.prompt_text(p) for p in problems]
+    prompts = [task.prompt_text(p) for p in problems]
     batch = common.sample(policy, tokenizer, prompts, G, T, args.max_new_tokens)
     mask = batch.completion_mask  # [B*G, T]
     rewards = rm_rewards(reward_model, batch, args.micro_batch_size)  # line 8: r_phi  [B*G]
     advantages = grpo_outcome_advantages(rewards, G, args.scale_rewards == "group")  # line 9
     token_advantages = advantages[:, None].expand_as(mask)  # [B*G, T]: A_{i,t} = r~_i
-    ref_logp = common.token_logprobs_no_grad(ref_policy, batch, T, args.micro_batch_size)
+    ref_logp = common.token_logprobs(ref_policy, batch, T, grad=False,
+                                     micro_batch_size=args.micro_batch_size, buckets=4)
     old_logp = torch.zeros_like(ref_logp)  # [B*G, T] pi_old, filled by the first iteration
     num_outputs, num_tokens = len(batch), mask.sum().clamp(min=1)
     policy.train()
@@ -322,7 +324,7 @@ def grpo_step(policy, ref_policy, reward_model, tokenizer, optimizer, problems: 
         loss, kl, clip_frac = 0, 0, 0
         # line 11, gradient accumulation: each micro-batch's loss is its share of the whole batch's
         for rows in common.micro_batches(batch, args.micro_batch_size):
-            logp = common.token_logprobs_by_length(policy, batch.select(rows), T)  # [n, T]
+            logp = common.token_logprobs(policy, batch.select(rows), T, buckets=4)  # [n, T]
             if grpo_iteration == 0:  # pi_old is pi_theta before its first update
                 old_logp[rows] = logp.detach()
             part_loss, stats = grpo_loss(logp, old_logp[rows], ref_logp[rows],
@@ -347,7 +349,7 @@ def grpo_step(policy, ref_policy, reward_model, tokenizer, optimizer, problems: 
 @torch.no_grad()
 def sample_graded(policy, tokenizer, problems: list, args: Args):
     """G outputs of the policy per question and the verifier's grade of each: (batch, [N] 0/1)."""
-    prompts = [common.prompt_text(p) for p in problems]
+    prompts = [task.prompt_text(p) for p in problems]
     batch = common.sample(policy, tokenizer, prompts, args.group_size, args.temperature,
                           args.max_new_tokens)
     return batch, outcome_rewards(problems, batch.texts, args.group_size)
@@ -366,8 +368,8 @@ def main(argv=None):
     print(plumbing.results_table({"SFT model": before}))
     common.set_seed(args.seed)
     rng = random.Random(args.seed)  # draws r_phi's training batches
-    problems = common.train_problems(args.seed)
-    log, watched = plumbing.MetricsLog(out_dir), common.make_split("test", args.rm_eval_questions)
+    problems = task.train_problems(args.seed)
+    log, watched = plumbing.MetricsLog(out_dir), task.make_split("test", args.rm_eval_questions)
     # r_phi's first training set: outputs of pi_sft, labelled by the verifier
     reward_model = load_reward_model(policy, device)
     rm_optimizer = torch.optim.Adam(reward_model.parameters(), lr=args.rm_lr)
@@ -424,7 +426,7 @@ def mode_of(args: Args) -> str:
 
 
 def evaluate_policy(policy, tokenizer, args: Args, n_ood: int, k: int) -> dict:
-    return common.evaluate(policy, tokenizer, args.eval_test, n_ood, k, args.temperature,
+    return task.evaluate(policy, tokenizer, args.eval_test, n_ood, k, args.temperature,
                            args.max_new_tokens)
 
 

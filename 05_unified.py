@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 import common
+import task
 import plumbing
 from plumbing import arg
 
@@ -167,7 +168,7 @@ def gc_grpo(advantages, logp, ref_logp, mask, beta):
 
 def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tensor:
     """r_i: 1 if output i's final answer is right, else 0.  # [B*G]"""
-    graded = [common.verify(problems[i // group_size], t) for i, t in enumerate(texts)]
+    graded = [task.verify(problems[i // group_size], t) for i, t in enumerate(texts)]
     return torch.tensor([float(g["correct"]) for g in graded])
 
 
@@ -196,7 +197,7 @@ def step_rewards(problems: list, batch: common.Batch, group_size: int) -> tuple[
     last_token = (batch.completion_mask.sum(1) - 1).tolist()  # [N]
     rewards, index = [], []
     for i, (text, ends) in enumerate(zip(batch.texts, batch.step_ends)):
-        graded = common.verify(problems[i // group_size], text)
+        graded = task.verify(problems[i // group_size], text)
         rewards.append([float(ok) for ok in graded["steps"]] + [0.0] * graded["missing"])
         index.append(list(ends) + [last_token[i]] * graded["missing"])
     return rewards, index
@@ -349,8 +350,8 @@ def token_values(value_model, batch: common.Batch) -> torch.Tensor:
 def demonstrations(tokenizer, problems, device, rng):
     """SFT's data source: more of the SFT data P_sft, the same mix of worked and answer-only
     solutions."""
-    return common.build_batch(tokenizer, [common.prompt_text(p) for p in problems],
-                              [common.sft_demonstration(p, rng) for p in problems], device)
+    return common.build_batch(tokenizer, [task.prompt_text(p) for p in problems],
+                              [task.sft_demonstration(p, rng) for p in problems], device)
 
 
 def offline_data(sft_model, tokenizer, args, seed):
@@ -359,11 +360,11 @@ def offline_data(sft_model, tokenizer, args, seed):
     As many outputs as an online method samples over the whole run, from the same questions.
     """
     common.set_seed(seed)
-    problems = common.train_problems(seed)
+    problems = task.train_problems(seed)
     data = []
     for _ in tqdm(range(args.steps), desc="sampling offline data from pi_sft", leave=False):
         batch_problems = [next(problems) for _ in range(args.batch_size)]
-        batch = common.sample(sft_model, tokenizer, [common.prompt_text(p) for p in batch_problems],
+        batch = common.sample(sft_model, tokenizer, [task.prompt_text(p) for p in batch_problems],
                               args.group_size, args.temperature, args.max_new_tokens)
         data.append((batch_problems, batch))
     return data
@@ -392,7 +393,7 @@ def data_source(method, step, policy, tokenizer, questions, offline, style, args
     if method in ("rft", "dpo"):  # q ~ P_sft, o ~ pi_sft: sampled once, before training
         return offline[step - 1]
     problems = [next(questions) for _ in range(B)]  # q ~ P_sft, o ~ pi_theta: sampled now
-    return problems, common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], G,
+    return problems, common.sample(policy, tokenizer, [task.prompt_text(p) for p in problems], G,
                                    args.temperature, args.max_new_tokens)
 
 
@@ -415,8 +416,8 @@ def update(method, problems, batch, policy, sft_model, optimizer, critic, args) 
             batch, n_samples = batch.select(chosen + rejected), len(chosen)
         mask = batch.completion_mask
     if method in NEEDS_PI_REF:  # log pi_theta and log pi_ref of every output, no graph  # [N, T]
-        logp = common.no_grad_pass(common.token_logprobs, policy, batch, mbs, T)
-        ref_logp = common.no_grad_pass(common.token_logprobs, sft_model, batch, mbs, T)
+        logp = common.token_logprobs(policy, batch, T, grad=False, micro_batch_size=mbs)
+        ref_logp = common.token_logprobs(sft_model, batch, T, grad=False, micro_batch_size=mbs)
         stats["kl"] = (((logp - ref_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
     # the gradient coefficient GC  # [N, T]
     if method == "sft":
@@ -498,7 +499,7 @@ def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, off
     """
     device = policy.device
     common.set_seed(seed)
-    questions = common.train_problems(seed)  # the same questions in the same order for every method
+    questions = task.train_problems(seed)  # the same questions in the same order for every method
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     models, critic = [policy] + ([sft_model] if method in NEEDS_PI_REF else []), None
     if method == "ppo":  # V_psi: pi_sft's backbone with a scalar head, as large as the policy
@@ -536,7 +537,7 @@ def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, off
 
 def quick_test_accuracy(policy, tokenizer, n, max_new_tokens):
     """Greedy accuracy on the first n test problems: the learning curve (no OOD, no Maj/Pass)."""
-    return common.evaluate(policy, tokenizer, n_test=n, n_ood=0, k=0,
+    return task.evaluate(policy, tokenizer, n_test=n, n_ood=0, k=0,
                            max_new_tokens=max_new_tokens)["test_greedy"]
 
 
@@ -557,7 +558,7 @@ def costs(models, times, peak_gpu) -> dict:
 
 def run_seed(sft_model, tokenizer, methods, args, seed, out_dir) -> list:
     """Every method of one seed from pi_sft, each evaluated after; returns their costs."""
-    evaluate = lambda model: common.evaluate(model, tokenizer, args.eval_test, args.eval_ood,
+    evaluate = lambda model: task.evaluate(model, tokenizer, args.eval_test, args.eval_ood,
                                              args.k, args.temperature, args.max_new_tokens)
     log = seed_log(out_dir, methods, args)
     common.set_seed(seed)

@@ -1,149 +1,20 @@
-"""The one shared helper of the course: what every lesson needs to do RL and none of them teaches.
-No RL algorithm is in here: each lesson file holds its whole algorithm.
-- the task: chained arithmetic, one step per line, a final `#### answer` line, checked exactly
+"""The one shared helper of the course: sampling and log-probs, what every lesson needs to do RL
+and none of them teaches. No RL algorithm is in here: each lesson file holds its whole algorithm.
+- `Batch`: prompts and completions, the layout every lesson trains on
 - `sample`: G completions per prompt, token by token with the KV cache, all rows in one batch
-- `token_logprobs`: log pi(o_t | q, o_<t) of every completion token in one forward pass
+- `token_logprobs`: log pi(o_t | q, o_<t) of every completion token, with a graph (an update's
+  micro-batch) or without (pi_ref, pi_old: micro-batches and length buckets inside)
 - `micro_batches`: the rows of each forward/backward pass of gradient accumulation
-- `evaluate`: greedy accuracy, Maj@K and Pass@K on the test split, greedy out of distribution
-Loading models, the SFT warm start, the command line and reports: plumbing.py (no need to open).
+The task, its verifier and the evaluation: task.py. Loading models, the SFT warm start, the command
+line and run folders: plumbing.py. Reading runs back and judging them: findings.py.
 """
 
 import functools
-import math
 import random
-import re
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-ANSWER_ONLY_SHARE = 0.6  # share of SFT demonstrations that give the final answer line alone
-
-# --------------------------------------------------------------------------------------------------
-# The task: "7+5*3-9" is computed left to right, one operation per line, like a pocket calculator:
-#     prompt      7+5*3-9\n
-#     completion  7+5=12\n12*3=36\n36-9=27\n#### 27\n<eos>
-#
-# Every intermediate value stays in 0..99, every operand is one digit. The final line uses GSM8K's
-# "#### answer" mark. Step j of the paper (process supervision) is line j; it ends at its newline.
-
-TRAIN_OPS = (2, 4)  # operations per problem in the train and test splits (inclusive range)
-OOD_OPS = (5, 6)  # longer chains, never seen in training: the out-of-distribution split
-TEST_SEED, OOD_SEED = 1_000_003, 2_000_003
-MAX_VALUE = 99
-
-
-def make_problem(rng: random.Random, num_ops: int) -> dict:
-    """One problem: a start value and `num_ops` (operator, operand) pairs, values in 0..99."""
-    value = rng.randint(1, 9)
-    start, ops = value, []
-    for _ in range(num_ops):
-        while True:
-            op = rng.choice("+-*")
-            b = rng.randint(2, 9) if op == "*" else rng.randint(1, 9)
-            c = apply_op(value, op, b)
-            if 0 <= c <= MAX_VALUE:
-                break
-        ops.append((op, b))
-        value = c
-    question = str(start) + "".join(f"{op}{b}" for op, b in ops)
-    return {"question": question, "start": start, "ops": ops, "answer": value}
-
-
-def apply_op(a: int, op: str, b: int) -> int:
-    return a + b if op == "+" else a - b if op == "-" else a * b
-
-
-def make_split(name: str, n: int) -> list[dict]:
-    """The fixed held-out splits: "test" (2-4 operations) and "ood" (5-6 operations)."""
-    if name not in ("test", "ood"):
-        raise ValueError(f"unknown split {name!r}: use 'test' or 'ood'")
-    rng = random.Random(TEST_SEED if name == "test" else OOD_SEED)
-    lo, hi = TRAIN_OPS if name == "test" else OOD_OPS
-    return [make_problem(rng, rng.randint(lo, hi)) for _ in range(n)]
-
-
-def train_problems(seed: int, held_out: list[dict] | None = None, ops: tuple = TRAIN_OPS):
-    """The endless, seeded train split: `ops` operations (2-4 by default), never a question of the
-    test or OOD split."""
-    if held_out is None:
-        held_out = make_split("test", 500) + make_split("ood", 500)
-    banned = {p["question"] for p in held_out}
-    rng = random.Random(seed)
-    while True:
-        problem = make_problem(rng, rng.randint(*ops))
-        if problem["question"] not in banned:
-            yield problem
-
-
-def prompt_text(problem: dict) -> str:
-    return problem["question"] + "\n"
-
-
-def answer_only_text(problem: dict) -> str:
-    """The short demonstration: the final-answer line with no working shown."""
-    return f"#### {problem['answer']}\n"
-
-
-def sft_demonstration(problem: dict, rng: random.Random) -> str:
-    """A draw from the SFT data P_sft(O|q): the answer line alone with probability
-    ANSWER_ONLY_SHARE, else the worked solution."""
-    return answer_only_text(problem) if rng.random() < ANSWER_ONLY_SHARE else solution_text(problem)
-
-
-def solution_text(problem: dict) -> str:
-    """The demonstration: one line per operation, then the answer line (tokenizers add EOS)."""
-    lines, value = [], problem["start"]
-    for op, b in problem["ops"]:
-        c = apply_op(value, op, b)
-        lines.append(f"{value}{op}{b}={c}")
-        value = c
-    return "\n".join(lines) + f"\n#### {value}\n"
-
-
-STEP_RE = re.compile(r"([0-9]{1,4})([+\-*])([0-9]{1,4})=(-?[0-9]{1,4})")  # ASCII: "２７" isn't 27
-ANSWER_RE = re.compile(r"#### (-?[0-9]{1,4})")
-
-
-def split_lines(text: str) -> list[str]:
-    """The steps of a completion: its lines; a last line without a newline still counts."""
-    lines = text.split("\n")
-    return lines[:-1] if lines[-1] == "" else lines
-
-
-def verify(problem: dict, text: str) -> dict:
-    """Grade a completion. Never raises, whatever the text.
-
-    Returns {"correct": final answer right, "answer": the int after the first "####" or None,
-    "steps": one bool per line of the text, "missing": the solution's steps the text never wrote}.
-    A line is a correct step when it is "a<op>b=c" with a the previous line's result (the start
-    value for line 1), <op>b the problem's operation of that line, and c = a<op>b exactly; the first
-    "#### n" line is correct when n is the answer. The solution ends there: any line after it is a
-    wrong step. "missing": the operations not written before the answer line, plus the answer line
-    if there is none (a solution cut short is charged for what it left out).
-    """
-    steps, answer, prev, worked = [], None, problem["start"], 0
-    for j, line in enumerate(split_lines(text)):
-        if answer is not None:  # after the answer line: the solution should have ended
-            steps.append(False)
-            continue
-        m = ANSWER_RE.fullmatch(line)
-        if m:
-            answer = int(m.group(1))
-            steps.append(answer == problem["answer"])
-            continue
-        m, ok = STEP_RE.fullmatch(line), False
-        if m and j < len(problem["ops"]):
-            a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-            ok = (a == prev and (op, b) == problem["ops"][j] and c == apply_op(a, op, b))
-            prev = c
-        steps.append(ok)
-        worked += 1
-    missing = max(0, len(problem["ops"]) - worked) + (answer is None)
-    correct = answer is not None and answer == problem["answer"]
-    return {"correct": correct, "answer": answer, "steps": steps, "missing": missing}
-
 
 def set_seed(seed: int):
     random.seed(seed)
@@ -275,8 +146,94 @@ def sample(model, tokenizer, prompts: list[str], group_size: int = 1, temperatur
     return _finish(tokenizer, prompt_ids, prompt_mask, completion_ids[:, :t + 1])
 
 
-def token_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) for every completion token, one forward pass; 0 where masked.  # [N, T]
+@torch.no_grad()
+def sample_static(model, tokenizer, prompts: list[str], group_size: int = 1,
+                  temperature: float = 1.0, max_new_tokens: int = 64, greedy: bool = False,
+                  capture: bool = False, check_every: int = 8) -> Batch:
+    """`sample` for a GPU: the same draws in the same order, with shapes that never change, so that
+    the decode step can be captured once in a CUDA graph and replayed (capture=True, CUDA only).
+
+    A static KV cache with a slot for every prompt and completion token; all N rows decode to the
+    end (a row past its EOS writes padding, dropped); a 4-D additive mask passed in (the model's own
+    mask code would wait on the host every token); EOS checked every `check_every` tokens, the only
+    wait on the GPU. On the CPU (capture=False) it gives `sample`'s tokens (tests/test_common.py).
+    """
+    from transformers import DynamicCache, StaticCache
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
+    was_training = model.training
+    model.eval()
+    prefill = DynamicCache(config=model.config)  # the prompt once per question, as in sample
+    position_ids = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)  # [B, P]
+    logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                   position_ids=position_ids, logits_to_keep=1, use_cache=True,
+                   **{_cache_argument(model): prefill}).logits[:, -1]
+    logits = logits.float().repeat_interleave(group_size, 0)  # [N, V]
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, 0)  # [N, P]
+    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, 0)  # [N, P]
+    (N, P), T = prompt_ids.shape, max_new_tokens
+    cache = StaticCache(config=model.config, max_cache_len=P + T)  # slots 0..P-1: the prompt
+    for i, layer in enumerate(prefill.layers):
+        cache.update(layer.keys.repeat_interleave(group_size, 0),
+                     layer.values.repeat_interleave(group_size, 0), i)
+    # the decode step's inputs and output live at fixed addresses: what a CUDA graph replays
+    token = torch.zeros(N, 1, dtype=torch.long, device=device)  # [N, 1] the token just written
+    position = prompt_mask.sum(1, keepdim=True) - 1  # [N, 1] its position
+    mask = torch.full((N, 1, 1, P + T), torch.finfo(dtype).min, dtype=dtype, device=device)
+    mask[:, 0, 0, :P].masked_fill_(prompt_mask.bool(), 0)  # [N, 1, 1, P+T]: 0 where attended
+    kv = {_cache_argument(model): cache, "use_cache": True}
+    forward = lambda: model(input_ids=token, attention_mask=mask, position_ids=position,
+                            **kv).logits[:, -1].float()  # [N, V]
+    graph = None
+    completion_ids = torch.full((N, T), tokenizer.pad_token_id, dtype=torch.long, device=device)
+    done = torch.zeros(N, dtype=torch.bool, device=device)  # [N] rows that wrote EOS
+    for t in range(T):
+        if greedy:
+            drawn = logits.argmax(-1)  # [N]
+        else:  # torch.multinomial's draw of one sample (exponential race), without its checks
+            probs = F.softmax(logits / temperature if temperature != 1.0 else logits, -1)
+            drawn = (probs / torch.empty_like(probs).exponential_()).argmax(-1)  # [N]
+        drawn = drawn.masked_fill(done, tokenizer.pad_token_id)
+        completion_ids[:, t] = drawn
+        done |= drawn == tokenizer.eos_token_id
+        if t == T - 1 or ((t + 1) % check_every == 0 and bool(done.all())):  # a host sync
+            break
+        token.copy_(drawn[:, None])
+        position += 1
+        mask[:, 0, 0, P + t] = 0  # the key just written
+        if capture and graph is None and t >= 2:  # two eager steps warm up, then capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # records the kernels, runs none of them
+                static_logits = forward()
+        if graph is not None:
+            graph.replay()  # the step's ~1,300 kernels in one launch
+            logits = static_logits
+        else:
+            logits = forward()
+    model.train(was_training)
+    is_eos = completion_ids == tokenizer.eos_token_id  # [N, T]
+    ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, t + 1)  # [N]
+    return _finish(tokenizer, prompt_ids, prompt_mask, completion_ids[:, :int(ends.max())])
+
+
+def token_logprobs(model, batch: Batch, temperature: float = 1.0, grad: bool = True,
+                   micro_batch_size: int = 0, buckets: int = 1) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) for every completion token of the batch; 0 where masked.  # [N, T]
+
+    The one entry point for log-probs. grad=True: a pass over these rows that keeps its graph (an
+    update calls it on each micro-batch and backpropagates before the next). grad=False: no graph,
+    in micro-batches of at most micro_batch_size outputs (0: all at once): the log-probs of pi_ref
+    or of the policy that sampled (pi_old). buckets > 1: each pass runs as `buckets` passes over
+    rows sorted by length, each cut to its longest row: the same log-probs (up to rounding)
+    without the padding a long row forces on all."""
+    if grad:
+        return _logprobs_by_length(model, batch, temperature, buckets)
+    return no_grad_pass(_logprobs_by_length, model, batch, micro_batch_size, temperature, buckets)
+
+
+def _one_pass_logprobs(model, batch: Batch, temperature: float) -> torch.Tensor:
+    """token_logprobs in one forward pass.  # [N, T]
 
     Position ids come from the attention mask so left padding does not shift them; the logits are
     divided by the sampling temperature: the log-probs of the distribution that sampled."""
@@ -291,10 +248,10 @@ def token_logprobs(model, batch: Batch, temperature: float = 1.0) -> torch.Tenso
     return logp.squeeze(-1) * batch.completion_mask
 
 
-def token_logprobs_by_length(model, batch: Batch, temperature: float = 1.0,
-                             buckets: int = 4) -> torch.Tensor:
-    """token_logprobs in `buckets` passes over rows sorted by length, each cut to its longest row:
-    the same log-probs (up to rounding) without the padding a long row forces on all.  # [N, T]"""
+def _logprobs_by_length(model, batch: Batch, temperature: float, buckets: int) -> torch.Tensor:
+    """token_logprobs in `buckets` passes over rows sorted by length (1: one pass).  # [N, T]"""
+    if buckets <= 1:
+        return _one_pass_logprobs(model, batch, temperature)
     P = batch.prompt_ids.shape[1]
     prompt_len, completion_len = batch.prompt_mask.sum(1), batch.completion_mask.sum(1)  # [N]
     logp = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)  # [N, T]
@@ -302,7 +259,7 @@ def token_logprobs_by_length(model, batch: Batch, temperature: float = 1.0,
         p, c = int(prompt_len[rows].max()), int(completion_len[rows].max())  # prompts: left-padded
         part = Batch(batch.prompt_ids[rows, P - p:], batch.prompt_mask[rows, P - p:],
                      batch.completion_ids[rows, :c], batch.completion_mask[rows, :c], [], [])
-        logp[rows, :c] = token_logprobs(model, part, temperature)  # [len(rows), c]
+        logp[rows, :c] = _one_pass_logprobs(model, part, temperature)  # [len(rows), c]
     return logp
 
 
@@ -318,87 +275,9 @@ def micro_batches(batch: Batch, size: int) -> list[torch.Tensor]:
 @torch.no_grad()
 def no_grad_pass(per_token, model, batch: Batch, micro_batch_size: int, *args) -> torch.Tensor:
     """per_token(model, rows of batch, *args) ([n, T]) for every micro-batch of at most
-    micro_batch_size outputs (0: all at once), with no graph: the log-probs of a frozen model
-    (pi_ref) or of the policy that sampled (pi_old), or a value model's values.  # [N, T]"""
+    micro_batch_size outputs (0: all at once), with no graph: token_logprobs without a graph, or a
+    value model's values (lessons 01 and 05).  # [N, T]"""
     out = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)  # [N, T]
     for rows in micro_batches(batch, micro_batch_size):
         out[rows] = per_token(model, batch.select(rows), *args)
     return out
-
-
-def token_logprobs_no_grad(model, batch: Batch, temperature: float = 1.0,
-                           micro_batch_size: int = 0) -> torch.Tensor:
-    """token_logprobs_by_length with no graph, micro-batched (lessons 02-04's pi_ref).  # [N, T]"""
-    return no_grad_pass(token_logprobs_by_length, model, batch, micro_batch_size, temperature)
-
-
-# --------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def majority_correct(problem: dict, texts: list[str]) -> bool:
-    """Maj@K: the most frequent final answer among K samples (first seen wins a tie) is right."""
-    answers = [verify(problem, t)["answer"] for t in texts]
-    answers = [a for a in answers if a is not None]
-    return bool(answers) and Counter(answers).most_common(1)[0][0] == problem["answer"]
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, n_test: int = 200, n_ood: int = 200, k: int = 8,
-             temperature: float = 1.0, max_new_tokens: int = 64, chunk: int = 256) -> dict:
-    """Greedy accuracy, Maj@K and Pass@K (K samples at `temperature`) on test; greedy on OOD."""
-    result = {}
-    for split, n in (("test", n_test), ("ood", n_ood)):
-        problems = make_split(split, n)
-        if not problems:
-            continue
-        correct = []
-        for i in range(0, n, chunk):
-            part = problems[i:i + chunk]
-            out = sample(model, tokenizer, [prompt_text(p) for p in part], greedy=True,
-                         max_new_tokens=max_new_tokens)
-            correct += [verify(p, t)["correct"] for p, t in zip(part, out.texts)]
-        result[f"{split}_greedy"] = sum(correct) / n
-        if split == "test" and k > 0:
-            maj, any_right = [], []
-            per_chunk = max(1, chunk // k)
-            for i in range(0, n, per_chunk):
-                part = problems[i:i + per_chunk]
-                out = sample(model, tokenizer, [prompt_text(p) for p in part], group_size=k,
-                             temperature=temperature, max_new_tokens=max_new_tokens)
-                for j, p in enumerate(part):
-                    texts = out.texts[j * k:(j + 1) * k]
-                    maj.append(majority_correct(p, texts))
-                    any_right.append(any(verify(p, t)["correct"] for t in texts))
-            result[f"test_maj@{k}"] = sum(maj) / n
-            result[f"test_pass@{k}"] = sum(any_right) / n
-    return result
-
-
-@torch.no_grad()
-def maj_pass_curve(model, tokenizer, problems: list, ks: list, temperature: float = 0.7,
-                   max_new_tokens: int = 64, chunk: int = 256) -> dict:
-    """Maj@K and Pass@K for every K in ks, from N = max(ks) samples per problem (paper's Figure 7).
-
-    Pass@K: the unbiased 1 - C(N-c, K) / C(N, K) from the c right samples among N; Maj@K: the
-    mean of majority_correct over the N // K disjoint blocks of K samples. {"maj@K", "pass@K"}.
-    """
-    N = max(ks)
-    right, blocks = [], {k: [] for k in ks}
-    per_chunk = max(1, chunk // N)
-    for i in range(0, len(problems), per_chunk):
-        part = problems[i:i + per_chunk]
-        out = sample(model, tokenizer, [prompt_text(p) for p in part], group_size=N,
-                     temperature=temperature, max_new_tokens=max_new_tokens)
-        for j, p in enumerate(part):
-            texts = out.texts[j * N:(j + 1) * N]
-            right.append(sum(verify(p, t)["correct"] for t in texts))
-            for k in ks:
-                majority = [majority_correct(p, texts[b * k:(b + 1) * k]) for b in range(N // k)]
-                blocks[k].append(sum(majority) / (N // k))
-    result = {}
-    for k in ks:
-        result[f"maj@{k}"] = sum(blocks[k]) / len(problems)
-        pass_k = [1 - math.comb(N - c, k) / math.comb(N, k) for c in right]
-        result[f"pass@{k}"] = sum(pass_k) / len(problems)
-    return result

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from common import (ANSWER_ONLY_SHARE, MAX_VALUE, OOD_OPS, OOD_SEED, TEST_SEED, TRAIN_OPS, _finish,
-                    answer_only_text, apply_op, build_batch, evaluate, make_problem, make_split,
-                    micro_batches, prompt_text, set_seed, sft_demonstration, solution_text,
-                    token_logprobs, train_problems)
+from common import (_finish, _logprobs_by_length, _one_pass_logprobs, build_batch, micro_batches,
+                    set_seed, token_logprobs)
+from task import (ANSWER_ONLY_SHARE, MAX_VALUE, OOD_OPS, OOD_SEED, TEST_SEED, TRAIN_OPS,
+                  answer_only_text, apply_op, evaluate, make_problem, make_split, prompt_text,
+                  sft_demonstration, solution_text, train_problems)
 
 REPO = Path(__file__).resolve().parent
 DEFAULT_CACHE = REPO / "cache"
@@ -315,7 +316,8 @@ def sft_code_fingerprint() -> str:
 
     code = [make_problem, apply_op, make_split, train_problems, prompt_text, answer_only_text,
             sft_demonstration, solution_text, build_char_tokenizer, build_tiny_model,
-            _build_sft_model, _prepare, sft_warm_start, build_batch, _finish, token_logprobs]
+            _build_sft_model, _prepare, sft_warm_start, build_batch, _finish, token_logprobs,
+            _logprobs_by_length, _one_pass_logprobs]
     h = hashlib.sha256("".join(inspect.getsource(f) for f in code).encode())
     h.update(repr((ANSWER_ONLY_SHARE, TRAIN_OPS, OOD_OPS, TEST_SEED, OOD_SEED, MAX_VALUE)).encode())
     return h.hexdigest()[:12]

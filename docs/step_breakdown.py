@@ -62,7 +62,8 @@ def main():
         def wrapper(*a, **k):
             start = clock()
             out = f(*a, **k)
-            key = piece or ("pi_theta" if torch.is_grad_enabled() else "pi_ref")
+            key = piece or ("pi_theta" if torch.is_grad_enabled() and k.get("grad", True)
+                            else "pi_ref")
             current["pieces"][key] += clock() - start
             return out
         return wrapper
@@ -71,6 +72,8 @@ def main():
     for label, repo in (v.split("=", 1) for v in args.versions):
         common = load_module(f"{repo}/common.py", f"common_{label}")
         sys.modules["common"] = common  # the lesson file imports `common`: this version's
+        if Path(f"{repo}/task.py").exists():  # and `task` where the task has a module of its own
+            sys.modules["task"] = load_module(f"{repo}/task.py", f"task_{label}")
         # and `plumbing` where that version has one (earlier versions kept it all in common.py)
         has_plumbing = Path(f"{repo}/plumbing.py").exists()
         plumbing_v = (load_module(f"{repo}/plumbing.py", f"plumbing_{label}") if has_plumbing
@@ -78,7 +81,7 @@ def main():
         sys.modules["plumbing"] = plumbing_v
         lesson = load_module(f"{repo}/02_grpo_outcome.py", f"lesson02_{label}")
         # the lesson calls token_logprobs_by_length where it exists (which calls token_logprobs):
-        # time the outer call
+        # time the outer call (since task.py: token_logprobs is the one entry point)
         log_probs = ("token_logprobs_by_length" if hasattr(common, "token_logprobs_by_length")
                      else "token_logprobs")
         common.sample = timed(common.sample, "sample")

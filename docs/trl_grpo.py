@@ -2,7 +2,7 @@
 
 The same task, the same pi_sft (loaded from the same place), the same verifier as the reward, the
 same 960 training questions in the same order, lesson 02's hyperparameters set by their TRL names,
-and the same evaluation (common.evaluate) before and after. It prints lesson 02's table and writes
+and the same evaluation (task.evaluate) before and after. It prints lesson 02's table and writes
 runs/trl_grpo/<run>/metrics.jsonl with lesson 02's keys, so plot_curves.py draws both (<run> named
 as lesson 02 names its runs: seed<seed> at the defaults, e.g. mu-2_seed0 with --mu 2).
 
@@ -76,6 +76,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import task  # noqa: E402
 import plumbing  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("lesson_02", REPO / "02_grpo_outcome.py")
@@ -135,22 +136,22 @@ def main(argv=None):
                                         micro_batch_size=args.micro_batch_size)
 
     policy, tokenizer = load()
-    evaluate = lambda: common.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
+    evaluate = lambda: task.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
                                        args.temperature, args.max_new_tokens)
     before = evaluate()
     print(plumbing.results_table({"SFT model": before}))
 
     # Lesson 02's questions in lesson 02's order: step s takes questions s*B .. s*B+B-1
     common.set_seed(args.seed)
-    problem_stream = common.train_problems(args.seed)
+    problem_stream = task.train_problems(args.seed)
     problems = [next(problem_stream) for _ in range(args.steps * args.batch_size)]
-    dataset = datasets.Dataset.from_dict({"prompt": [common.prompt_text(p) for p in problems],
+    dataset = datasets.Dataset.from_dict({"prompt": [task.prompt_text(p) for p in problems],
                                           "problem_index": list(range(len(problems)))})
     batch_stats = {}
 
     def correct_answer(prompts, completions, problem_index, **kwargs):
         """Our verifier as TRL's reward function: 1.0 when the final answer is right, else 0.0."""
-        rewards = [float(common.verify(problems[i], text)["correct"])
+        rewards = [float(task.verify(problems[i], text)["correct"])
                    for i, text in zip(problem_index, completions)]
         batch_stats["accuracy"] = sum(rewards) / len(rewards)
         worked = sum(not t.lstrip().startswith("#") for t in completions)

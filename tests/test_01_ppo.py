@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import task
 
 import plumbing
 from conftest import TINY_PI_SFT, error_line, load_lesson
@@ -268,7 +269,7 @@ def sampled_batch():
     value_model = ppo.load_value_model(str(plumbing.SHIPPED_SFT), "cpu").eval()
     torch.nn.init.normal_(value_model.score.weight, std=0.1)
     args = ppo.Args(batch_size=8, minibatch_size=8, ppo_epochs=1, max_grad_norm=1e9)
-    problems = common.make_split("test", 8)
+    problems = task.make_split("test", 8)
     sampled = ppo.rollout(policy, ref_policy, tokenizer, problems, args)
     assert len(set(sampled["mask"].sum(1).tolist())) > 1  # outputs of several lengths
     return policy, value_model, sampled, args

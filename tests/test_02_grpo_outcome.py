@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import common
+import task
 
 import plumbing
 from conftest import TINY, TINY_PI_SFT, error_line, load_lesson
@@ -131,18 +132,18 @@ def test_qwen2_model_with_byte_level_bpe_runs_through_model_path(tmp_path, cache
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    rng_problems = common.train_problems(5)
+    rng_problems = task.train_problems(5)
     corpus = []
     for _ in range(300):
         p = next(rng_problems)
-        corpus.append(common.prompt_text(p) + common.solution_text(p))
+        corpus.append(task.prompt_text(p) + task.solution_text(p))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|pad|>")
-    text = common.solution_text(next(rng_problems))
+    text = task.solution_text(next(rng_problems))
     ids = tokenizer(text)["input_ids"]
     assert len(ids) < len(text) and tokenizer.bos_token is None  # multi-character tokens, no BOS
     assert tokenizer.decode(ids) == text
@@ -162,7 +163,7 @@ def test_qwen2_model_with_byte_level_bpe_runs_through_model_path(tmp_path, cache
     assert type(policy).__name__ == "Qwen2ForCausalLM"
     batch = common.sample(policy, tok, ["7+5*3-9\n"], group_size=8, max_new_tokens=24)
     for t, ends in zip(batch.texts, batch.step_ends):
-        assert len(ends) == len(common.split_lines(t))
+        assert len(ends) == len(task.split_lines(t))
 
 
 def test_a_short_grpo_run_raises_the_reward(sft_policy):
@@ -172,11 +173,11 @@ def test_a_short_grpo_run_raises_the_reward(sft_policy):
     policy, tokenizer = sft_policy
     policy = copy.deepcopy(policy)
     ref_policy = copy.deepcopy(policy).requires_grad_(False)
-    problems = common.make_split("test", 8)
+    problems = task.make_split("test", 8)
     args = grpo.Args(group_size=8, lr=2e-4, max_new_tokens=48)
 
     def reward():  # mean verifier reward of 16 samples per question
-        batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in problems], 16, 1.0, 48)
+        batch = common.sample(policy, tokenizer, [task.prompt_text(p) for p in problems], 16, 1.0, 48)
         return grpo.outcome_rewards(problems, batch.texts, 16).mean().item()
 
     common.set_seed(0)
@@ -253,7 +254,7 @@ def test_pi_old_is_held_across_grpo_iterations(sft_policy, monkeypatch):
     args = grpo.Args(group_size=4, mu=3, max_new_tokens=40)
     common.set_seed(0)
     grpo.grpo_step(policy, copy.deepcopy(policy).requires_grad_(False), tokenizer,
-                   torch.optim.Adam(policy.parameters(), lr=1e-3), common.make_split("test", 4), args)
+                   torch.optim.Adam(policy.parameters(), lr=1e-3), task.make_split("test", 4), args)
     assert len(seen) == 3
     (logp0, old0, ref0), (logp1, old1, ref1), (logp2, old2, ref2) = seen
     assert torch.equal(old0, logp0) and torch.equal(old1, old0) and torch.equal(old2, old0)
@@ -277,7 +278,7 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(sft_policy, loss_agg,
     equals the whole batch's (--micro_batch_size 0) within float rounding (atol 1e-6 on gradients of
     order 1e-2), and so do the logged loss and KL, for every loss aggregation."""
     policy, tokenizer = sft_policy
-    problems = common.make_split("test", 4)
+    problems = task.make_split("test", 4)
     grads, records = [], []
     for micro in (0, 3):
         model = copy.deepcopy(policy)

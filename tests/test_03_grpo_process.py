@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import task
 
 import plumbing
 from conftest import TINY, TINY_PI_SFT, checksum, error_line, load_lesson
@@ -66,7 +67,7 @@ def test_a_solution_cut_short_never_out_scores_the_complete_right_one(tokenizer)
     working, or repeated: in a group with the complete right solution, none gets a higher advantage at
     any of its tokens' starts, nor a higher sum of step rewards. Without the missing steps, "7+5=12\n"
     alone would be a perfect output."""
-    complete = solution = common.solution_text(PROBLEM)  # "7+5=12\n12*3=36\n36-9=27\n#### 27\n"
+    complete = solution = task.solution_text(PROBLEM)  # "7+5=12\n12*3=36\n36-9=27\n#### 27\n"
     others = [solution[:n] for n in range(len(solution) - 1)] + ["#### 27\n", solution + "#### 27\n#### 27\n"]
     for other in others:
         batch = common.build_batch(tokenizer, ["7+5*3-9\n"] * 2, [complete, other], "cpu")
@@ -237,7 +238,7 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(sft_policy, supervisi
     accumulated gradient equals the whole batch's (--micro_batch_size 0) within float rounding
     (atol 1e-6 on gradients of order 1e-2), and so do the logged loss and KL."""
     policy, tokenizer = sft_policy
-    problems = common.make_split("test", 4)
+    problems = task.make_split("test", 4)
     grads, computed = [], []
     for micro in (0, 3):
         model = copy.deepcopy(policy)

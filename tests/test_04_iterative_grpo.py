@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import common
+import task
 
 import plumbing
 from conftest import TINY, TINY_PI_SFT, checksum, error_line, load_lesson
@@ -71,11 +72,11 @@ def test_reward_model_loss_falls_on_a_small_fixed_set_with_replay(sft, monkeypat
     torch.manual_seed(0)
     reward_model = lesson.load_reward_model(policy, "cpu")
     assert sum(p.numel() for p in reward_model.parameters()) >= 0.9 * sum(p.numel() for p in policy.parameters())
-    problems = common.make_split("test", 8)
-    right = [common.solution_text(p) for p in problems]
+    problems = task.make_split("test", 8)
+    right = [task.solution_text(p) for p in problems]
     wrong = [t.replace("####", "#### 1") for t in right]  # a wrong final answer
-    batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems] * 2, right + wrong, "cpu")
-    labels = [common.verify(problems[i % 8], t)["correct"] for i, t in enumerate(batch.texts)]
+    batch = common.build_batch(tokenizer, [task.prompt_text(p) for p in problems] * 2, right + wrong, "cpu")
+    labels = [task.verify(problems[i % 8], t)["correct"] for i, t in enumerate(batch.texts)]
     assert labels == [True] * 8 + [False] * 8
     data = lesson.examples_from_batch(batch, labels)
     new, history = data[:12], data[12:]
@@ -116,7 +117,7 @@ def test_rm_score_is_read_at_the_last_completion_token(sft):
 def test_advantages_come_from_r_phi_not_the_verifier(sft):
     _, tokenizer = sft
     batch = common.build_batch(tokenizer, ["7+5*3-9\n"] * 2, [RIGHT, WRONG], "cpu")  # one group, G = 2
-    assert [common.verify(PROBLEM, t)["correct"] for t in batch.texts] == [True, False]
+    assert [task.verify(PROBLEM, t)["correct"] for t in batch.texts] == [True, False]
     # an r_phi that scores everything the same: no advantage, though the verifier tells the two apart
     rewards = lesson.rm_rewards(ScriptedRM(constant=1.3), batch)
     assert torch.equal(lesson.grpo_outcome_advantages(rewards, 2), torch.zeros(2))
@@ -314,7 +315,7 @@ def test_pi_old_is_held_across_grpo_iterations(monkeypatch):
     common.set_seed(0)
     rm = ScriptedRM(row_logits=torch.linspace(-2, 2, 16))  # 4 questions x G=4
     lesson.grpo_step(policy, lesson.reset_reference(policy), rm, tokenizer, torch.optim.Adam(policy.parameters(), lr=1e-3),
-                     common.make_split("test", 4), args)
+                     task.make_split("test", 4), args)
     assert len(seen) == 3
     (logp0, old0), (logp1, old1), (logp2, old2) = seen
     assert torch.equal(old0, logp0) and torch.equal(old1, old0) and torch.equal(old2, old0)
@@ -328,7 +329,7 @@ def test_micro_batches_accumulate_the_whole_batch_gradient_of_grpo(sft_policy):
     policy, tokenizer = sft_policy
     torch.manual_seed(0)
     reward_model = lesson.load_reward_model(policy, "cpu")  # a fresh head: rewards differ per output
-    problems = common.make_split("test", 4)
+    problems = task.make_split("test", 4)
     grads, stats = [], []
     for micro in (0, 3):
         model = copy.deepcopy(policy)
@@ -350,10 +351,10 @@ def test_micro_batches_accumulate_the_whole_batch_gradient_of_r_phi(sft_policy):
     dropout (0.1 in transformers' token classification) is switched off here: with it, each
     micro-batch draws its own mask, and the two gradients are equal only in expectation."""
     policy, tokenizer = sft_policy
-    problems = common.make_split("test", 4)
-    right = [common.solution_text(p) for p in problems]
+    problems = task.make_split("test", 4)
+    right = [task.solution_text(p) for p in problems]
     wrong = [t.replace("####", "#### 1") for t in right]
-    batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems] * 2,
+    batch = common.build_batch(tokenizer, [task.prompt_text(p) for p in problems] * 2,
                                right + wrong, "cpu")
     data = lesson.examples_from_batch(batch, [True] * 4 + [False] * 4)
     torch.manual_seed(0)
@@ -378,3 +379,41 @@ def test_runs_that_differ_in_one_option_keep_two_logs():
                for argv in ([], ["--frozen_rm"], ["--frozen_ref"], ["--scale_rewards", "none"],
                             ["--scale_rewards", "none", "--frozen_rm", "--frozen_ref"])]
     assert len(set(folders)) == 5 and folders[0] == "runs/04_iterative_grpo/seed0"
+
+
+def test_within_group_auc_on_a_hand_worked_case():
+    """Pairs (right i, wrong j) inside a group: 1 when r_phi scores i above j, 1/2 on a tie.
+    Group 1: right 0.9, 0.4, 0.1 against wrong 0.4: 1 + 1/2 + 0 = 1.5 of 3 pairs. Group 2: all
+    right, group 4: all wrong: no pairs, left out. Group 3: right 0.3, 0.5 against wrong 0.2, 0.5:
+    1 + 0 + 1 + 1/2 = 2.5 of 4. Pooled: 4 of 7 (not the mean of the groups' AUCs, 0.5625)."""
+    scores = torch.tensor([0.9, 0.4, 0.4, 0.1, 0.2, 0.3, 0.5, 0.6,
+                           0.3, 0.2, 0.5, 0.5, 0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([1., 0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 0, 0, 0, 0])
+    assert lesson.within_group_auc(scores, labels, 4) == pytest.approx(4 / 7)
+    # one class in every group: no pair, no AUC
+    assert lesson.within_group_auc(scores[4:8], labels[4:8], 4) is None
+    # groups of 2, the same outputs: a different grouping gives a different pairing
+    assert lesson.within_group_auc(scores[:4], labels[:4], 2) == pytest.approx(1.0)
+
+
+def test_within_group_auc_matches_a_brute_force_count():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (48,), generator=g).float() / 4  # ties on purpose
+    labels = torch.randint(0, 2, (48,), generator=g).float()
+    wins = pairs = 0
+    for start in range(0, 48, 6):
+        for i in range(start, start + 6):
+            for j in range(start, start + 6):
+                if labels[i] == 1 and labels[j] == 0:
+                    pairs += 1
+                    wins += 1.0 if scores[i] > scores[j] else 0.5 if scores[i] == scores[j] else 0
+    assert lesson.within_group_auc(scores, labels, 6) == pytest.approx(wins / pairs)
+
+
+def test_balance_classes_repeats_the_rarer_label_until_both_are_equal():
+    right = [{"label": 1.0, "id": i} for i in range(8)]
+    wrong = [{"label": 0.0, "id": 100 + i} for i in range(2)]
+    balanced = lesson.balance_classes(right + wrong, random.Random(0))
+    assert sum(e["label"] == 1 for e in balanced) == sum(e["label"] == 0 for e in balanced) == 8
+    assert {e["id"] for e in balanced} == {e["id"] for e in right + wrong}  # nothing dropped
+    assert lesson.balance_classes(right, random.Random(0)) == right  # one label: as it was

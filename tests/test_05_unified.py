@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import task
 
 import plumbing
 from conftest import TINY, error_line, load_lesson
@@ -31,7 +32,7 @@ def tiny():
     tokenizer = plumbing.build_char_tokenizer()
     policy = plumbing.build_tiny_model(tokenizer, seed=0).eval()
     ref = plumbing.build_tiny_model(tokenizer, seed=1).eval().requires_grad_(False)
-    prompts = [common.prompt_text(PROBLEMS[i // G]) for i in range(len(TEXTS))]
+    prompts = [task.prompt_text(PROBLEMS[i // G]) for i in range(len(TEXTS))]
     batch = common.build_batch(tokenizer, prompts, TEXTS, "cpu")
     return policy, ref, tokenizer, batch
 
@@ -226,8 +227,8 @@ def test_rft_data_is_sampled_once_from_the_sft_model(tiny, spy, monkeypatch):
     # a random model is never right: count every output as right, so GC = I(o) = 1 and the policy moves
     monkeypatch.setattr(L, "outcome_rewards", lambda problems, texts, g: torch.ones(len(texts)))
     trained_on, real_logprobs = [], common.token_logprobs
-    monkeypatch.setattr(common, "token_logprobs", lambda model, batch, *a: trained_on.append(
-        batch.completion_ids.clone()) or real_logprobs(model, batch, *a))
+    monkeypatch.setattr(common, "token_logprobs", lambda model, batch, *a, **k: trained_on.append(
+        batch.completion_ids.clone()) or real_logprobs(model, batch, *a, **k))
     policy = copy.deepcopy(sft).requires_grad_(True)
     start = checksum(policy)
     L.train_method("rft", policy, sft, tokenizer, args, seed=0, offline=offline)
@@ -343,12 +344,12 @@ def test_dpo_pairs_uneven_all_right_all_wrong_groups():
     """Each question pairs its right outputs with its wrong ones one to one, in order, never across questions:
     [R W W W] -> one pair; [R R R W] -> one; all right or all wrong -> none; [W R W R] -> two."""
     tokenizer = plumbing.build_char_tokenizer()
-    problems = common.make_split("test", 5)
-    right = lambda p: common.solution_text(p)
+    problems = task.make_split("test", 5)
+    right = lambda p: task.solution_text(p)
     wrong = lambda p: f"#### {p['answer'] + 1}\n"
     patterns = ["RWWW", "RRRW", "RRRR", "WWWW", "WRWR"]
     texts = [right(p) if c == "R" else wrong(p) for p, pattern in zip(problems, patterns) for c in pattern]
-    batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems for _ in range(4)], texts, "cpu")
+    batch = common.build_batch(tokenizer, [task.prompt_text(p) for p in problems for _ in range(4)], texts, "cpu")
     chosen, rejected = L.dpo_pairs(problems, batch, 4)
     assert list(zip(chosen, rejected)) == [(0, 1), (4, 7), (17, 16), (19, 18)]
 
@@ -366,7 +367,7 @@ def test_dpo_without_a_pair_makes_no_update(tiny):
     question with both a right and a wrong output): GC = 0 and no optimizer step, so the weights stay where
     the first update left them (an Adam step on a zero gradient would still move them by its momentum)."""
     sft, _, tokenizer, batch = tiny  # TEXTS: right, wrong for each of the two questions
-    all_wrong = common.build_batch(tokenizer, [common.prompt_text(PROBLEMS[i // G]) for i in range(4)],
+    all_wrong = common.build_batch(tokenizer, [task.prompt_text(PROBLEMS[i // G]) for i in range(4)],
                                    [TEXTS[1], TEXTS[1], TEXTS[3], TEXTS[3]], "cpu")
     policy = copy.deepcopy(sft).requires_grad_(True)
     start, after = checksum(policy), []
@@ -533,7 +534,7 @@ def test_micro_batches_give_the_whole_batch_gradient(saved_sft, method, normalis
     """Tolerance: max |difference| <= 1e-5 x the largest gradient entry (float32 sums in another order)."""
     sft, tokenizer = saved_sft
     policy = plumbing.build_tiny_model(tokenizer, seed=3).eval()  # != pi_ref, so the KL terms are not 0
-    prompts = [common.prompt_text(PROBLEMS[i // 4]) for i in range(8)]
+    prompts = [task.prompt_text(PROBLEMS[i // 4]) for i in range(8)]
     batch = common.build_batch(tokenizer, prompts, TEXTS8, "cpu")
     whole, record = update_gradients(method, policy, sft, batch, 0, normaliser)
     parts, record3 = update_gradients(method, policy, sft, batch, 3, normaliser)

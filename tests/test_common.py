@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import task
 
 import plumbing
 
@@ -21,48 +22,48 @@ PROBLEM = {"question": "7+5*3-9", "start": 7, "ops": [("+", 5), ("*", 3), ("-", 
 
 
 def test_problem_generator_is_seeded_and_in_range():
-    a, b = common.make_split("test", 50), common.make_split("test", 50)
+    a, b = task.make_split("test", 50), task.make_split("test", 50)
     assert a == b
-    for p in a + common.make_split("ood", 50):
+    for p in a + task.make_split("ood", 50):
         value = p["start"]
         for op, x in p["ops"]:
-            value = common.apply_op(value, op, x)
-            assert 0 <= value <= common.MAX_VALUE
+            value = task.apply_op(value, op, x)
+            assert 0 <= value <= task.MAX_VALUE
         assert value == p["answer"]
-        assert common.verify(p, common.solution_text(p))["correct"]
-    assert {len(p["ops"]) for p in common.make_split("ood", 50)} <= {5, 6}
-    test_questions = {p["question"] for p in common.make_split("test", 500)}
-    train = common.train_problems(0)
+        assert task.verify(p, task.solution_text(p))["correct"]
+    assert {len(p["ops"]) for p in task.make_split("ood", 50)} <= {5, 6}
+    test_questions = {p["question"] for p in task.make_split("test", 500)}
+    train = task.train_problems(0)
     assert not any(next(train)["question"] in test_questions for _ in range(2000))
 
 
 def test_solution_text_worked_example():
-    assert common.prompt_text(PROBLEM) == "7+5*3-9\n"
-    assert common.solution_text(PROBLEM) == "7+5=12\n12*3=36\n36-9=27\n#### 27\n"
+    assert task.prompt_text(PROBLEM) == "7+5*3-9\n"
+    assert task.solution_text(PROBLEM) == "7+5=12\n12*3=36\n36-9=27\n#### 27\n"
 
 
 def test_verify_good_wrong_partial_garbage():
-    good = common.verify(PROBLEM, "7+5=12\n12*3=36\n36-9=27\n#### 27\n")
+    good = task.verify(PROBLEM, "7+5=12\n12*3=36\n36-9=27\n#### 27\n")
     assert good == {"correct": True, "answer": 27, "steps": [True, True, True, True], "missing": 0}
     # an arithmetic slip in step 2 carried forward: later steps are locally right, the answer is wrong
-    wrong = common.verify(PROBLEM, "7+5=12\n12*3=35\n35-9=26\n#### 26\n")
+    wrong = task.verify(PROBLEM, "7+5=12\n12*3=35\n35-9=26\n#### 26\n")
     assert wrong == {"correct": False, "answer": 26, "steps": [True, False, True, False], "missing": 0}
     # truncated: no final answer, last line cut short; the third operation and the answer line are missing
-    partial = common.verify(PROBLEM, "7+5=12\n12*3=3")
+    partial = task.verify(PROBLEM, "7+5=12\n12*3=3")
     assert partial == {"correct": False, "answer": None, "steps": [True, False], "missing": 2}
     # right answer line with no work still counts as the outcome; its three operations are missing
-    assert common.verify(PROBLEM, "#### 27\n") == {"correct": True, "answer": 27, "steps": [True], "missing": 3}
+    assert task.verify(PROBLEM, "#### 27\n") == {"correct": True, "answer": 27, "steps": [True], "missing": 3}
     # the solution ends at its first answer line: what follows is wrong, a repeated answer earns nothing
-    assert common.verify(PROBLEM, "7+5=12\n12*3=36\n36-9=27\n#### 27\n#### 27\n7+5=12\n") == \
+    assert task.verify(PROBLEM, "7+5=12\n12*3=36\n36-9=27\n#### 27\n#### 27\n7+5=12\n") == \
         {"correct": True, "answer": 27, "steps": [True, True, True, True, False, False], "missing": 0}
-    assert common.verify(PROBLEM, "#### 26\n#### 27\n")["correct"] is False  # the first answer counts
+    assert task.verify(PROBLEM, "#### 26\n#### 27\n")["correct"] is False  # the first answer counts
     # a step that uses the wrong operation, or the wrong first operand
-    assert common.verify(PROBLEM, "7*5=35\n")["steps"] == [False]
-    assert common.verify(PROBLEM, "8+5=13\n")["steps"] == [False]
+    assert task.verify(PROBLEM, "7*5=35\n")["steps"] == [False]
+    assert task.verify(PROBLEM, "8+5=13\n")["steps"] == [False]
     for garbage in ["", "\n", "\n\n\n", "####", "#### \n", "#### 99999999999999999999\n", "=====",
                     "7+5=" + "9" * 5000, "\x00\ufffd漢字", "#### -27", "<eos><pad>", "1+1=2\n" * 50]:
-        out = common.verify(PROBLEM, garbage)
-        assert out["correct"] is False and len(out["steps"]) == len(common.split_lines(garbage))
+        out = task.verify(PROBLEM, garbage)
+        assert out["correct"] is False and len(out["steps"]) == len(task.split_lines(garbage))
 
 
 def test_tokenizer_is_character_level_and_round_trips(tiny):
@@ -92,8 +93,8 @@ def test_completion_mask_stops_at_first_eos_and_step_ends(tiny):
 
 def test_build_batch_matches_demonstration(tiny):
     _, tokenizer = tiny
-    batch = common.build_batch(tokenizer, ["7+5*3-9\n", "1+1\n"], [common.solution_text(PROBLEM), "1+1=2\n"], "cpu")
-    assert batch.texts == [common.solution_text(PROBLEM), "1+1=2\n"]
+    batch = common.build_batch(tokenizer, ["7+5*3-9\n", "1+1\n"], [task.solution_text(PROBLEM), "1+1=2\n"], "cpu")
+    assert batch.texts == [task.solution_text(PROBLEM), "1+1=2\n"]
     assert batch.step_ends[0] == [6, 14, 22, 30]  # the newline of each line
     assert batch.completion_mask.sum(1).tolist() == [32, 7]  # text + EOS
     assert batch.prompt_mask.tolist()[1][:4] == [0, 0, 0, 0]  # left padding
@@ -101,7 +102,7 @@ def test_build_batch_matches_demonstration(tiny):
 
 def test_token_logprobs_equal_transformers_cross_entropy(tiny):
     model, tokenizer = tiny
-    prompt, completion = "7+5*3-9\n", common.solution_text(PROBLEM)
+    prompt, completion = "7+5*3-9\n", task.solution_text(PROBLEM)
     batch = common.build_batch(tokenizer, [prompt], [completion], "cpu")
     ours = common.token_logprobs(model, batch)[0]  # [T]
     prompt_ids = tokenizer(prompt)["input_ids"]
@@ -117,7 +118,7 @@ def test_token_logprobs_equal_transformers_cross_entropy(tiny):
 
 def test_token_logprobs_unchanged_by_left_padding_and_temperature(tiny):
     model, tokenizer = tiny
-    completions = [common.solution_text(PROBLEM), "1+"]
+    completions = [task.solution_text(PROBLEM), "1+"]
     short = common.build_batch(tokenizer, ["7+5*3-9\n", "1+1\n"], completions, "cpu")
     # the same rows with 5 extra pad tokens on the left of every prompt
     pad = torch.full((2, 5), tokenizer.pad_token_id)
@@ -157,28 +158,28 @@ def test_sample_step_ends_match_verifier_lines(tiny):
     torch.manual_seed(1)
     batch = common.sample(model, tokenizer, ["7+5*3-9\n"], group_size=16, max_new_tokens=30)
     for text, ends, mask in zip(batch.texts, batch.step_ends, batch.completion_mask):
-        assert len(ends) == len(common.split_lines(text)) == len(common.verify(PROBLEM, text)["steps"])
+        assert len(ends) == len(task.split_lines(text)) == len(task.verify(PROBLEM, text)["steps"])
         assert all(e < int(mask.sum()) for e in ends)
 
 
 def test_majority_vote():
     texts = ["#### 27\n", "#### 26\n", "#### 27\n", "junk", "#### 5\n"]
-    assert common.majority_correct(PROBLEM, texts)
-    assert not common.majority_correct(PROBLEM, ["#### 26\n", "#### 26\n", "#### 27\n"])
-    assert not common.majority_correct(PROBLEM, ["junk", ""])
+    assert task.majority_correct(PROBLEM, texts)
+    assert not task.majority_correct(PROBLEM, ["#### 26\n", "#### 26\n", "#### 27\n"])
+    assert not task.majority_correct(PROBLEM, ["junk", ""])
 
 
 def test_evaluate_counts_a_perfect_model(monkeypatch):
     """evaluate() on a stand-in sampler that always writes the right solution gives 100% everywhere."""
     tokenizer = plumbing.build_char_tokenizer()
-    problems = {p["question"]: p for p in common.make_split("test", 8) + common.make_split("ood", 8)}
+    problems = {p["question"]: p for p in task.make_split("test", 8) + task.make_split("ood", 8)}
 
     def oracle(model, tokenizer, prompts, group_size=1, temperature=1.0, max_new_tokens=64, greedy=False):
         prompts = [p for p in prompts for _ in range(group_size)]
-        return common.build_batch(tokenizer, prompts, [common.solution_text(problems[p.strip()]) for p in prompts], "cpu")
+        return common.build_batch(tokenizer, prompts, [task.solution_text(problems[p.strip()]) for p in prompts], "cpu")
 
     monkeypatch.setattr(common, "sample", oracle)
-    result = common.evaluate(None, tokenizer, n_test=8, n_ood=8, k=3)
+    result = task.evaluate(None, tokenizer, n_test=8, n_ood=8, k=3)
     assert result == {"test_greedy": 1.0, "test_maj@3": 1.0, "test_pass@3": 1.0, "ood_greedy": 1.0}
 
 
@@ -213,7 +214,7 @@ def test_token_logprobs_are_the_distribution_generate_samples_from(tiny):
 def test_sample_draws_token_for_token_what_generate_draws():
     """common.sample's own loop (rows leave the batch at EOS) gives generate's samples under the same seed."""
     model, tokenizer = plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu")  # pi_sft: rows end at different lengths
-    prompts = [common.prompt_text(p) for p in common.make_split("test", 12)]
+    prompts = [task.prompt_text(p) for p in task.make_split("test", 12)]
     enc = tokenizer([p for p in prompts for _ in range(4)], return_tensors="pt", padding=True, padding_side="left")
     for how in (dict(do_sample=True, temperature=1.0), dict(do_sample=True, temperature=0.7), dict(do_sample=False)):
         torch.manual_seed(3)
@@ -232,16 +233,16 @@ def test_token_logprobs_by_length_equal_one_pass(tiny):
     """Sorting rows into buckets by length and cutting each bucket's padding changes no log-prob or gradient."""
     model, tokenizer = tiny
     rng = random.Random(0)
-    problems = [common.make_problem(rng, rng.randint(2, 4)) for _ in range(9)]
-    completions = [common.solution_text(p)[:rng.randint(1, 40)] for p in problems]  # 1 to 40 characters
-    batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems], completions, "cpu")
+    problems = [task.make_problem(rng, rng.randint(2, 4)) for _ in range(9)]
+    completions = [task.solution_text(p)[:rng.randint(1, 40)] for p in problems]  # 1 to 40 characters
+    batch = common.build_batch(tokenizer, [task.prompt_text(p) for p in problems], completions, "cpu")
     for buckets in (1, 2, 4, 9):
         model.zero_grad()
         one_pass = common.token_logprobs(model, batch, 0.7)
         one_pass.sum().backward()
         expected = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
-        by_length = common.token_logprobs_by_length(model, batch, 0.7, buckets)
+        by_length = common.token_logprobs(model, batch, 0.7, buckets=buckets)
         by_length.sum().backward()
         assert torch.allclose(by_length, one_pass, atol=1e-5)
         assert (by_length[batch.completion_mask == 0] == 0).all()
@@ -305,13 +306,13 @@ def test_verdict_follows_the_stated_rule():
 def test_answers_in_non_ascii_digits_are_graded_wrong():
     """The decision: the task's answers are written in ASCII digits; "２７" (full-width) and "٢٧" (Arabic-Indic),
     which Python's int() and \\d would read as 27, are not the answer, and a step written with them is wrong."""
-    assert common.verify(PROBLEM, "#### 27\n")["correct"]
+    assert task.verify(PROBLEM, "#### 27\n")["correct"]
     for digits in ("２７", "٢٧", "2７", "۲۷", "𝟐𝟕"):
-        graded = common.verify(PROBLEM, f"#### {digits}\n")
+        graded = task.verify(PROBLEM, f"#### {digits}\n")
         assert graded == {"correct": False, "answer": None, "steps": [False], "missing": 3}, digits  # no answer line
     # a step line that does not parse is wrong, and the next line is checked against the last parsed result (7)
-    assert common.verify(PROBLEM, "7+5=１２\n12*3=36\n36-9=27\n#### 27\n")["steps"] == [False, False, True, True]
-    assert not common.majority_correct(PROBLEM, ["#### ２７\n", "#### ２７\n", "#### 26\n"])
+    assert task.verify(PROBLEM, "7+5=１２\n12*3=36\n36-9=27\n#### 27\n")["steps"] == [False, False, True, True]
+    assert not task.majority_correct(PROBLEM, ["#### ２７\n", "#### ２７\n", "#### 26\n"])
 
 
 def scripted_sampler(greedy_right, sampled_right, k, calls):
@@ -319,10 +320,10 @@ def scripted_sampler(greedy_right, sampled_right, k, calls):
     samples of a question q are right where sampled_right(q) says so (a list of k bools), wrong answers
     all the same number (so a majority of wrong samples agrees on it). Records every call."""
     tokenizer = plumbing.build_char_tokenizer()
-    problems = {p["question"]: p for p in common.make_split("test", 16) + common.make_split("ood", 16)}
+    problems = {p["question"]: p for p in task.make_split("test", 16) + task.make_split("ood", 16)}
 
     def text(p, right):
-        return common.solution_text(p) if right else f"#### {p['answer'] + 1}\n"
+        return task.solution_text(p) if right else f"#### {p['answer'] + 1}\n"
 
     def sample(model, tok, prompts, group_size=1, temperature=1.0, max_new_tokens=64, greedy=False):
         calls.append({"n": len(prompts), "group_size": group_size, "temperature": temperature,
@@ -344,14 +345,14 @@ def test_evaluate_tells_greedy_maj_and_pass_apart(monkeypatch):
     """Eight test questions, K = 3 samples each: greedy right on questions 0 and 4 only; samples right
     [R, R, W] on questions 0, 1, 4, 5 (majority right), [W, W, R] on 2 and 6 (only Pass@3), none on 3 and 7.
     So greedy 2/8, Maj@3 4/8, Pass@3 6/8; OOD greedy right on 3 of 8 questions."""
-    test, ood = common.make_split("test", 8), common.make_split("ood", 8)
+    test, ood = task.make_split("test", 8), task.make_split("ood", 8)
     greedy_right = {test[0]["question"], test[4]["question"]} | {p["question"] for p in ood[:3]}
     pattern = {0: [True, True, False], 1: [True, True, False], 2: [False, False, True], 3: [False] * 3}
     index = {p["question"]: i for i, p in enumerate(test)}
     calls = []
     tokenizer, sampler = scripted_sampler(greedy_right, lambda q: pattern[index[q] % 4], 3, calls)
     monkeypatch.setattr(common, "sample", sampler)
-    result = common.evaluate(None, tokenizer, n_test=8, n_ood=8, k=3, temperature=0.6, max_new_tokens=50, chunk=6)
+    result = task.evaluate(None, tokenizer, n_test=8, n_ood=8, k=3, temperature=0.6, max_new_tokens=50, chunk=6)
     assert result == {"test_greedy": 0.25, "test_maj@3": 0.5, "test_pass@3": 0.75, "ood_greedy": 0.375}
     # every question once greedily per split, and its K samples at the given temperature, in chunks
     assert sum(c["n"] for c in calls if c["greedy"]) == 16
@@ -365,12 +366,12 @@ def test_maj_pass_curve_worked_example(monkeypatch):
     Pass@K, unbiased, 1 - C(N-c, K)/C(N, K): A 1/2, 5/6, 1 for K = 1, 2, 4; B 1/4, 1/2, 1.
     Maj@K over the N/K blocks of K (a tie goes to the answer seen first): A [R][W][R][W] 1/2, [R,W][R,W] 1,
     [R,W,R,W] 1; B 1/4, [W,W][W,R] 0, [W,W,W,R] 0. The curve is the mean over A and B."""
-    a, b = common.make_split("test", 2)
+    a, b = task.make_split("test", 2)
     pattern = {a["question"]: [True, False, True, False], b["question"]: [False, False, False, True]}
     calls = []
     tokenizer, sampler = scripted_sampler(set(), pattern.get, 4, calls)
     monkeypatch.setattr(common, "sample", sampler)
-    curve = common.maj_pass_curve(None, tokenizer, [a, b], [1, 2, 4])
+    curve = task.maj_pass_curve(None, tokenizer, [a, b], [1, 2, 4])
     expected = {"pass@1": (1 / 2 + 1 / 4) / 2, "pass@2": (5 / 6 + 1 / 2) / 2, "pass@4": 1.0,
                 "maj@1": (1 / 2 + 1 / 4) / 2, "maj@2": (1 + 0) / 2, "maj@4": (1 + 0) / 2}
     assert curve == pytest.approx(expected)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+import task
 
 import plumbing
 from conftest import TINY, load_lesson
@@ -150,10 +151,10 @@ def pi_sft_on_both():
     (different lengths, so prompts are left-padded and completions right-padded)."""
     cpu_model, tokenizer = plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu")
     gpu_model, _ = plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cuda")
-    problems = common.make_split("test", 6)
-    texts = [common.solution_text(problems[0]), f"#### {problems[1]['answer'] + 1}\n", common.solution_text(problems[2])[:9],
-             "", f"#### {problems[4]['answer']}\n", common.solution_text(problems[5]) + "1+1=2\n"]
-    batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems], texts, "cpu")
+    problems = task.make_split("test", 6)
+    texts = [task.solution_text(problems[0]), f"#### {problems[1]['answer'] + 1}\n", task.solution_text(problems[2])[:9],
+             "", f"#### {problems[4]['answer']}\n", task.solution_text(problems[5]) + "1+1=2\n"]
+    batch = common.build_batch(tokenizer, [task.prompt_text(p) for p in problems], texts, "cpu")
     return cpu_model, gpu_model, tokenizer, batch
 
 
@@ -170,7 +171,7 @@ def test_token_logprobs_on_the_gpu_equal_the_cpus(pi_sft_on_both, full_precision
     with torch.no_grad():
         on_cpu = common.token_logprobs(cpu_model, batch, temperature)
         on_gpu = common.token_logprobs(gpu_model, to(batch, "cuda"), temperature)
-        by_length = common.token_logprobs_by_length(gpu_model, to(batch, "cuda"), temperature)
+        by_length = common.token_logprobs(gpu_model, to(batch, "cuda"), temperature, buckets=4)
     assert on_gpu.device.type == "cuda"
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-4), (on_gpu.cpu() - on_cpu).abs().max()
     assert torch.allclose(by_length.cpu(), on_cpu, atol=1e-4), (by_length.cpu() - on_cpu).abs().max()

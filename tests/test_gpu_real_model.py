@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import task
 import plumbing
 from conftest import load_lesson
 
@@ -53,7 +54,7 @@ def test_a_worst_case_lesson_02_update_stays_under_14_gib(smollm2_on_gpu, worst_
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.lr)
     torch.cuda.reset_peak_memory_stats()
     record = grpo.grpo_step(policy, ref_policy, tokenizer, optimizer,
-                            common.make_split("test", args.batch_size), args)
+                            task.make_split("test", args.batch_size), args)
     assert record["completion_len"] == args.max_new_tokens  # the worst case really ran
     assert torch.cuda.max_memory_allocated() < LIMIT, torch.cuda.max_memory_allocated() / 2**30
 

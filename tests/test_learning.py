@@ -9,7 +9,7 @@ never sees, a reference or an old policy that is not what it should be, all show
 The judge is the held-out test split (N_TEST questions, greedy decoding, the `test_greedy` of the table
 main() prints). The settings (few steps, a larger learning rate and a short warm-up than the lessons'
 defaults, so each run takes a few tens of seconds on a 2-core CPU) were chosen by looking at greedy
-accuracy on 400 *train-split* questions (common.train_problems(777)) of the trained models, never at the
+accuracy on 400 *train-split* questions (task.train_problems(777)) of the trained models, never at the
 test split. On that train sample pi_sft scored 43%; the chosen settings 58-73% (lesson 05 70-71%).
 
 The margin: each accuracy is the mean of N_TEST right/wrong outcomes, so its standard error is

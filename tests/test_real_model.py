@@ -15,6 +15,7 @@ import torch
 from conftest import load_lesson
 
 import common
+import task
 
 import plumbing
 
@@ -103,9 +104,9 @@ def test_pretrained_settings_replace_the_defaults_unless_given(capsys):
 def test_token_logprobs_equal_cross_entropy_on_the_real_tokenizer(smollm2_cut):
     """With left padding of unequal prompts, on the real tokenizer and architecture."""
     policy, tokenizer = plumbing.load_policy(smollm2_cut, 0, "cpu")
-    problems = common.make_split("test", 3)
-    batch = common.build_batch(tokenizer, [common.prompt_text(p) for p in problems],
-                               [common.solution_text(p) for p in problems], "cpu")
+    problems = task.make_split("test", 3)
+    batch = common.build_batch(tokenizer, [task.prompt_text(p) for p in problems],
+                               [task.solution_text(p) for p in problems], "cpu")
     assert batch.prompt_mask.sum(1).unique().numel() > 1  # the prompts really are padded differently
     with torch.no_grad():
         logp = common.token_logprobs(policy, batch)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import task
 
 import plumbing
 from conftest import REPO, TINY, error_line, load_lesson
@@ -36,7 +37,7 @@ def test_trls_loss_with_our_mapping_is_lesson_02s_loss(loss_agg, tmp_path):
                           args=trl_grpo.grpo_config(args, str(tmp_path), torch.device("cpu"), 1),
                           train_dataset=dataset)
     torch.manual_seed(0)
-    batch = common.sample(policy, tokenizer, [common.prompt_text(p) for p in common.make_split("test", 3)], 4, 1.0, 30)
+    batch = common.sample(policy, tokenizer, [task.prompt_text(p) for p in task.make_split("test", 3)], 4, 1.0, 30)
     with torch.no_grad():
         ref_logp = common.token_logprobs(trainer.ref_model, batch)  # [N, T]
         old_logp = common.token_logprobs(policy, batch) + 0.3 * torch.randn(batch.completion_mask.shape)  # ratios clip
