@@ -103,10 +103,14 @@ def sample(model, tokenizer, prompts: list[str], group_size: int = 1, temperatur
     pi_theta of token_logprobs, so the ratios pi_theta / pi_old start at 1. A row that has written
     EOS leaves the batch and its cache. The draws are `generate`'s on the G-times repeated prompts
     under the same seed, token for token (tests/test_common.py checks it); greedy: the argmax.
+    On a GPU this loop would wait on Python at every token: sample_static does the same there.
     """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
+    if device.type == "cuda":  # the same draws, the decode step replayed as one CUDA graph
+        return sample_static(model, tokenizer, prompts, group_size, temperature, max_new_tokens,
+                             greedy, capture=True)
     enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left").to(device)
     was_training = model.training
     model.eval()
@@ -270,6 +274,14 @@ def micro_batches(batch: Batch, size: int) -> list[torch.Tensor]:
         return [torch.arange(len(batch), device=batch.completion_ids.device)]
     lengths = batch.prompt_mask.sum(1) + batch.completion_mask.sum(1)  # [N]
     return list(torch.argsort(lengths, stable=True).split(size))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """The mean of x over the positions where mask is 1: of each row (dim=1) or of the whole batch
+    (dim=None); 0 where the mask has none."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import findings
 import task
 
 import plumbing
@@ -229,6 +230,47 @@ def test_sample_draws_token_for_token_what_generate_draws():
         assert lengths.min() < lengths.max()  # some rows left the batch early
 
 
+STATIC_CASES = ((dict(greedy=True), 1), (dict(temperature=1.0), 1), (dict(temperature=0.7), 1),
+                (dict(temperature=1.0), 8))  # (how it samples, check_every)
+
+
+def assert_sample_static_is_sample(model, tokenizer, prompts: list, max_new_tokens: int,
+                                   cases=STATIC_CASES):
+    """common.sample_static without its CUDA graph (the GPU's sampler: a static cache, every row to
+    the end, EOS checked every few tokens) gives sample's completions token for token, greedy and
+    sampled; with EOS checked every token it also leaves the random generator where sample does."""
+    for how, check_every in cases:
+        common.set_seed(3)
+        loop = common.sample(model, tokenizer, prompts, 4, max_new_tokens=max_new_tokens, **how)
+        next_draw = torch.rand(1)
+        common.set_seed(3)
+        static = common.sample_static(model, tokenizer, prompts, 4, max_new_tokens=max_new_tokens,
+                                      check_every=check_every, **how)
+        assert torch.equal(static.completion_ids, loop.completion_ids), (how, check_every)
+        assert torch.equal(static.completion_mask, loop.completion_mask)
+        assert torch.equal(static.prompt_ids, loop.prompt_ids) and static.texts == loop.texts
+        assert static.step_ends == loop.step_ends
+        if check_every == 1:
+            assert torch.equal(torch.rand(1), next_draw), how  # not one random draw more or less
+    assert loop.prompt_mask.sum(1).unique().numel() > 1  # prompts of different lengths
+
+
+def test_sample_static_draws_token_for_token_what_sample_draws(sft_policy):
+    model, tokenizer = sft_policy  # the shipped pi_sft
+    prompts = [task.prompt_text(p) for p in task.make_split("test", 6) + task.make_split("ood", 2)]
+    assert_sample_static_is_sample(model, tokenizer, prompts, 40)
+    common.set_seed(3)
+    lengths = common.sample(model, tokenizer, prompts, 4, max_new_tokens=40).completion_mask.sum(1)
+    assert lengths.min() < lengths.max()  # rows end at different lengths: the EOS logic is tested
+
+
+def test_sample_keeps_its_token_loop_on_the_cpu(tiny, monkeypatch):
+    """Only a CUDA model takes sample_static: every CPU number of the course stays the loop's."""
+    model, tokenizer = tiny
+    monkeypatch.setattr(common, "sample_static", lambda *a, **k: pytest.fail("static path on CPU"))
+    assert len(common.sample(model, tokenizer, ["1+2\n"], 2, max_new_tokens=4)) == 2
+
+
 def test_token_logprobs_by_length_equal_one_pass(tiny):
     """Sorting rows into buckets by length and cutting each bucket's padding changes no log-prob or gradient."""
     model, tokenizer = tiny
@@ -289,18 +331,18 @@ def test_rebuilding_pi_sft_gives_the_shipped_one(tmp_path):
 
 def test_verdict_follows_the_stated_rule():
     # reproduced: the paper's sign on every seed and mean >= 2 std (mean 0.11, std 0.01)
-    assert plumbing.verdict([0.10, 0.12, 0.11]) == "reproduced"
+    assert findings.verdict([0.10, 0.12, 0.11]) == "reproduced"
     # contradicted: the mirror image
-    assert plumbing.verdict([-0.10, -0.12, -0.11]) == "contradicted"
+    assert findings.verdict([-0.10, -0.12, -0.11]) == "contradicted"
     # every seed positive but the spread is large: mean 0.12, std 0.16; and its mirror
-    assert plumbing.verdict([0.05, 0.01, 0.30]) == "inconclusive"
-    assert plumbing.verdict([-0.05, -0.01, -0.30]) == "inconclusive"
+    assert findings.verdict([0.05, 0.01, 0.30]) == "inconclusive"
+    assert findings.verdict([-0.05, -0.01, -0.30]) == "inconclusive"
     # a null result is inconclusive whichever sign its mean has (+0.5 +- 4.4 and -0.7 +- 3.3)
-    assert plumbing.verdict([0.10, -0.02, 0.30]) == "inconclusive"
-    assert plumbing.verdict([-0.10, 0.02, 0.01]) == "inconclusive"
+    assert findings.verdict([0.10, -0.02, 0.30]) == "inconclusive"
+    assert findings.verdict([-0.10, 0.02, 0.01]) == "inconclusive"
     # a float residue is no difference (0.3 - 0.1 - 0.2 = -2.8e-17), not a sign
-    assert plumbing.verdict([0.3 - 0.1 - 0.2] * 3) == "inconclusive"
-    assert plumbing.verdict([0.2]) == "inconclusive, 1 seed" == plumbing.verdict([-0.2])
+    assert findings.verdict([0.3 - 0.1 - 0.2] * 3) == "inconclusive"
+    assert findings.verdict([0.2]) == "inconclusive, 1 seed" == findings.verdict([-0.2])
 
 
 def test_answers_in_non_ascii_digits_are_graded_wrong():

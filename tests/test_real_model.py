@@ -120,6 +120,16 @@ def test_token_logprobs_equal_cross_entropy_on_the_real_tokenizer(smollm2_cut):
             assert torch.allclose(-logp[i].sum() / n, loss, atol=1e-4), (i, -logp[i].sum() / n, loss)
 
 
+def test_sample_static_is_sample_on_the_real_tokenizer(smollm2_cut):
+    """The GPU's sampler (without its CUDA graph) on the real architecture, its 49,152-token
+    vocabulary and its own EOS: sample's completions token for token (tests/test_common.py)."""
+    from test_common import STATIC_CASES, assert_sample_static_is_sample
+
+    policy, tokenizer = plumbing.load_policy(smollm2_cut, 0, "cpu")
+    prompts = [task.prompt_text(p) for p in task.make_split("test", 2) + task.make_split("ood", 1)]
+    assert_sample_static_is_sample(policy, tokenizer, prompts, 8, STATIC_CASES[::2])
+
+
 def run_lesson(name, argv, tmp_path):
     return load_lesson(name).main(argv + ["--out_dir", str(tmp_path)])
 
