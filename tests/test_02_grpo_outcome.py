@@ -56,6 +56,30 @@ def test_k3_is_unbiased_for_the_kl_of_two_categoricals():
     assert abs(k3[x].mean() - exact) < 0.01  # and so is the sample mean, up to Monte Carlo noise
 
 
+CONTRACT = 'grpo_loss returns (loss, {"kl": float, "clip_frac": float})'
+
+
+def grpo_loss(*args, **kwargs):
+    """grpo.grpo_loss, its return checked first against the contract grpo_step relies on: a
+    version that returns something else fails here with a message that says so."""
+    out = grpo.grpo_loss(*args, **kwargs)
+    assert isinstance(out, tuple) and len(out) == 2, f"{CONTRACT}; yours returned {out!r:.80}"
+    loss, stats = out
+    assert torch.is_tensor(loss) and loss.dim() == 0, f"{CONTRACT}; your loss is {loss!r:.80}"
+    assert isinstance(stats, dict) and {"kl", "clip_frac"} <= set(stats), \
+        f"{CONTRACT}; your statistics are {stats!r:.80}"
+    assert all(type(stats[key]) is float for key in ("kl", "clip_frac")), \
+        f"{CONTRACT}: plain floats (.item()); yours are {stats!r:.80}"
+    return loss, stats
+
+
+def test_grpo_loss_returns_a_loss_tensor_and_float_statistics():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach(), logp.detach() - 0.5, torch.ones(1, 2),
+                        torch.ones(1, 2), 0.2, 0.04)
+    assert loss.requires_grad  # the loss is what backward() is called on
+
+
 def test_clipped_loss_worked_example():
     eps = 0.2
     # four one-token outputs: ratio inside / above / below the clip, both signs of advantage
@@ -65,7 +89,7 @@ def test_clipped_loss_worked_example():
     expected = torch.tensor([1.1, 1.2, 0.5, -1.5, -0.8])
     old = torch.zeros(5, 1)
     logp = ratio.log()
-    loss, stats = grpo.grpo_loss(logp, old, logp, adv, torch.ones(5, 1), eps, beta=0.0)
+    loss, stats = grpo_loss(logp, old, logp, adv, torch.ones(5, 1), eps, beta=0.0)
     assert torch.allclose(loss, -expected.mean(), atol=1e-6)
     assert stats["clip_frac"] == pytest.approx(4 / 5)
 
@@ -77,7 +101,7 @@ def test_loss_normalises_per_output_then_over_outputs_and_adds_kl():
     mask = torch.tensor([[1, 1], [1, 0]])
     adv = torch.tensor([[2.0, 2.0], [-1.0, -1.0]])
     beta = 0.1
-    loss, _ = grpo.grpo_loss(logp, logp.detach(), ref, adv, mask, 0.2, beta)
+    loss, _ = grpo_loss(logp, logp.detach(), ref, adv, mask, 0.2, beta)
     k3 = lambda lp, lr: math.exp(lr - lp) - (lr - lp) - 1
     out0 = (2.0 - beta * k3(-1.0, -1.5) + 2.0 - beta * k3(-2.0, -2.0)) / 2
     out1 = -1.0 - beta * k3(-0.5, -0.5)
@@ -228,7 +252,7 @@ def test_loss_aggregations_worked_example():
     advantages = torch.tensor([[2., 0., 0.], [1., 1., 1.]])
     mask = torch.tensor([[1, 0, 0], [1, 1, 1]])
     for loss_agg, expected in (("output", 1.5), ("token", 1.25), ("constant", 0.625)):
-        loss, _ = grpo.grpo_loss(logp, logp, logp, advantages, mask, 0.2, 0.04, loss_agg, "k3", max_len=4)
+        loss, _ = grpo_loss(logp, logp, logp, advantages, mask, 0.2, 0.04, loss_agg, "k3", max_len=4)
         assert loss.item() == pytest.approx(-expected)
 
 
@@ -238,7 +262,7 @@ def test_kl_estimators_in_the_loss_worked_example():
     logp, ref_logp = torch.full((1, 2), -1.0), torch.full((1, 2), -1.5)
     mask, zero = torch.ones(1, 2), torch.zeros(1, 2)
     for estimator, value in (("k1", 0.5), ("k2", 0.125), ("k3", math.exp(-0.5) - 0.5)):
-        loss, stats = grpo.grpo_loss(logp, logp, ref_logp, zero, mask, 0.2, 2.0, "token", estimator)
+        loss, stats = grpo_loss(logp, logp, ref_logp, zero, mask, 0.2, 2.0, "token", estimator)
         assert loss.item() == pytest.approx(2.0 * value)
         assert stats["kl"] == pytest.approx(math.exp(-0.5) - 0.5)  # the log shows k3 whatever the loss uses
 

@@ -58,7 +58,10 @@ def tagged(source: str, n: int) -> list:
 
 def test_replay_batch_has_exactly_the_requested_share_of_history():
     new, history, rng = tagged("new", 50), tagged("old", 30), random.Random(0)
-    for batch_size, fraction in [(64, 0.1), (10, 0.1), (7, 0.1), (32, 0.25), (5, 0.0), (20, 0.5)]:
+    # (5, 0.5) and (25, 0.1): a share of 2.5 rounds to 2 as Python's round() does (half to even),
+    # not to 3 as int(x + 0.5) or math.ceil would
+    for batch_size, fraction in [(64, 0.1), (10, 0.1), (7, 0.1), (32, 0.25), (5, 0.0), (20, 0.5),
+                                 (5, 0.5), (25, 0.1)]:
         for _ in range(5):
             batch = lesson.replay_batch(new, history, batch_size, fraction, rng)
             assert len(batch) == batch_size

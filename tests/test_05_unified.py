@@ -155,6 +155,18 @@ def test_ppo_surrogate_at_pi_old_equal_pi_theta(tiny):
 # Advantages by hand
 
 
+def test_gc_grpo_by_hand_and_zero_on_padding():
+    """GC = A + beta (pi_ref/pi_theta - 1) on the real tokens, 0 on padding even where the inputs
+    there are not 0 (update() masks them, so the gradient tests cannot see a missing mask)."""
+    advantages = torch.tensor([[1.0, 1.0, 1.0], [-0.5, 3.0, 3.0]])
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.5, 0.9, 0.9]]))
+    ref_logp = torch.log(torch.tensor([[0.25, 0.25, 0.1], [1.0, 0.1, 0.1]]))
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    gc = L.gc_grpo(advantages, logp, ref_logp, mask, beta=0.1)
+    # pi_ref/pi_theta = 1/2, 1 on output 0; 2 on output 1: 1 - 0.05, 1 + 0, -0.5 + 0.1
+    assert torch.allclose(gc, torch.tensor([[0.95, 1.0, 0.0], [-0.4, 0.0, 0.0]]), atol=1e-6)
+
+
 def test_outcome_advantages_by_hand():
     adv = L.grpo_outcome_advantages(torch.tensor([1.0, 0, 1, 1]), 2)
     assert adv.tolist() == [1.0, -1.0, 0.0, 0.0]  # the second group is all right: no signal
