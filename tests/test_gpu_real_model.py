@@ -59,6 +59,31 @@ def test_a_worst_case_lesson_02_update_stays_under_14_gib(smollm2_on_gpu, worst_
     assert torch.cuda.max_memory_allocated() < LIMIT, torch.cuda.max_memory_allocated() / 2**30
 
 
+@gpu
+def test_the_captured_sampler_draws_what_the_token_loop_draws(smollm2_on_gpu):
+    """common.sample on CUDA (sample_static, its decode step replayed as a CUDA graph) on the full
+    SmolLM2, in full fp32: greedy, the CPU token loop's completions (a near tie may flip a row:
+    at most one of 8 differs); sampled, the same draws as the same path without its graph."""
+    policy, tokenizer = smollm2_on_gpu
+    prompts = [task.prompt_text(p) for p in task.make_split("test", 6) + task.make_split("ood", 2)]
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        on_cpu = common.sample(copy.deepcopy(policy).cpu(), tokenizer, prompts, 1,
+                               max_new_tokens=24, greedy=True)
+        captured = common.sample(policy, tokenizer, prompts, 1, max_new_tokens=24, greedy=True)
+        same = [a == b for a, b in zip(captured.texts, on_cpu.texts)]
+        assert sum(same) >= len(prompts) - 1, list(zip(captured.texts, on_cpu.texts))
+        draws = {}
+        for capture in (True, False):
+            common.set_seed(5)
+            draws[capture] = common.sample_static(policy, tokenizer, prompts, 4, 1.0, 24,
+                                                  capture=capture)
+        assert torch.equal(draws[True].completion_ids, draws[False].completion_ids)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 PPO_STEP = ["--model", "smollm2", "--sft_steps", "0", "--methods", "ppo", "--seeds", "0",
             "--steps", "1", "--eval_test", "1", "--eval_ood", "0", "--k", "1", "--eval_every", "0"]
 
