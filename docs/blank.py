@@ -26,7 +26,8 @@ def blank(path: Path, name: str) -> str:
     first = body[1] if has_doc and len(body) > 1 else body[0]
     lines = source.splitlines(keepends=True)
     indent = " " * first.col_offset
-    start, end = first.lineno - 1, function.end_lineno
+    # from the line after the docstring: a comment above the first statement goes with the body
+    start, end = (body[0].end_lineno if has_doc else first.lineno - 1), function.end_lineno
     if has_doc and len(body) == 1:  # a docstring alone: nothing to blank
         raise SystemExit(f"error: {name} has no body to blank")
     stub = f'{indent}raise NotImplementedError("exercise: write {name} (docs: the lesson page)")\n'
