@@ -31,20 +31,17 @@ Run:  python 05_unified.py                          every method, seeds 0,1,2 (-
 """
 
 import copy
-import json
-import math
 import random
-import statistics
 import time
-from dataclasses import dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 import common
-import task
+import findings
 import plumbing
+import task
 from plumbing import arg
 
 # the paper's table: name on the command line -> (name in the tables, data source D, reward, GC)
@@ -146,8 +143,8 @@ def gc_rft(correct, mask):
 def gc_dpo(logp, ref_logp, mask, n_pairs, beta):
     """Rows 0..P-1 are the chosen outputs o+, rows P..2P-1 the rejected o- of the same pairs."""
     mask = mask.float()
-    lr = ((logp - ref_logp).detach() * mask).sum(1) / mask.sum(1).clamp(min=1)  # 1/|o| sum_t
-    s = torch.sigmoid(beta * lr[n_pairs:] - beta * lr[:n_pairs])  # [P]
+    log_ratio = common.masked_mean((logp - ref_logp).detach(), mask, dim=1)  # 1/|o| sum_t  [2P]
+    s = torch.sigmoid(beta * log_ratio[n_pairs:] - beta * log_ratio[:n_pairs])  # [P]
     return beta * torch.cat([s, -s])[:, None] * mask  # DPO: GC = +-beta * sigma(...)
 
 
@@ -404,7 +401,7 @@ def data_source(method, step, policy, tokenizer, questions, offline, style, args
 def update(method, problems, batch, policy, sft_model, optimizer, critic, args) -> dict:
     """One update of `method` from its data: the reward pi_rf, the gradient coefficient GC for the
     whole batch, then eq. (5) in micro-batches. critic: PPO's (V_psi, its optimizer), else None."""
-    G, T, mbs = args.group_size, args.temperature, args.micro_batch_size
+    G, temperature, mbs = args.group_size, args.temperature, args.micro_batch_size
     stats, n_samples, mask = {}, len(batch), batch.completion_mask
     if method != "sft":  # the reward: the rule, I(o) = 1 if the final answer is right
         correct = outcome_rewards(problems, batch.texts, G).to(mask.device)  # [B*G]
@@ -416,9 +413,10 @@ def update(method, problems, batch, policy, sft_model, optimizer, critic, args) 
             batch, n_samples = batch.select(chosen + rejected), len(chosen)
         mask = batch.completion_mask
     if method in NEEDS_PI_REF:  # log pi_theta and log pi_ref of every output, no graph  # [N, T]
-        logp = common.token_logprobs(policy, batch, T, grad=False, micro_batch_size=mbs)
-        ref_logp = common.token_logprobs(sft_model, batch, T, grad=False, micro_batch_size=mbs)
-        stats["kl"] = (((logp - ref_logp) * mask).sum() / mask.sum().clamp(min=1)).item()
+        logp = common.token_logprobs(policy, batch, temperature, grad=False, micro_batch_size=mbs)
+        ref_logp = common.token_logprobs(sft_model, batch, temperature, grad=False,
+                                         micro_batch_size=mbs)
+        stats["kl"] = common.masked_mean(logp - ref_logp, mask).item()
     # the gradient coefficient GC  # [N, T]
     if method == "sft":
         gc = gc_sft(mask)
@@ -461,7 +459,7 @@ def policy_update(policy, optimizer, batch, gc, n_samples, args, step=True) -> d
         optimizer.step()
     policy.eval()
     return {"loss": loss, "grad_norm": grad_norm.item(),
-            "gc_abs_mean": ((gc.abs() * mask).sum() / mask.sum().clamp(min=1)).item(),
+            "gc_abs_mean": common.masked_mean(gc.abs(), mask).item(),
             "completion_len": mask.sum(1).float().mean().item()}
 
 
@@ -507,62 +505,48 @@ def train_method(method, policy, sft_model, tokenizer, args, seed, log=None, off
         critic = (value_model, torch.optim.Adam(value_model.parameters(), lr=args.value_lr))
         models.append(value_model)
     style = random.Random(seed)  # SFT's draws of worked vs answer-only demonstrations
-    name, times, peak, seen = METHODS[method][0], [], 0, 0  # GPU: the updates' peak, all of it
-    curve = lambda: quick_test_accuracy(policy, tokenizer, args.eval_curve, args.max_new_tokens)
+    name, times, memory = METHODS[method][0], [], findings.GpuPeak(device)
     if log is not None and args.eval_every:
-        log.write({"method": name, "step": 0, "test_greedy": curve()})
+        log.write({"method": name, "step": 0, "test_greedy": quick_test_accuracy(policy, tokenizer,
+                                                                                  args)})
     bar = tqdm(range(1, args.steps + 1), desc=f"{name} seed {seed}", leave=False)
     for step in bar:
-        if device.type == "cuda":  # what came before (a check, an evaluation) counts in `seen`
-            seen = max(seen, torch.cuda.max_memory_allocated(device))
-            torch.cuda.reset_peak_memory_stats(device)
+        memory.before_update()
         t0 = plumbing.clock(device)
         problems, batch = data_source(method, step, policy, tokenizer, questions, offline, style,
                                       args)
         record = update(method, problems, batch, policy, sft_model, optimizer, critic, args)
         times.append(plumbing.clock(device) - t0)  # sampling, forward, backward, optimizer step
-        if device.type == "cuda":
-            peak = max(peak, torch.cuda.max_memory_allocated(device))
+        memory.after_update()
         record = {"method": name, "step": step, **record, "step_time": times[-1]}
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            record["test_greedy"] = curve()
+            record["test_greedy"] = quick_test_accuracy(policy, tokenizer, args)
         if log is not None:
             log.write(record)
         bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()
                          if k in ("reward", "kl", "loss", "test_greedy")})
-    if device.type == "cuda":
-        seen = max(seen, torch.cuda.max_memory_allocated(device))
-    return costs(models, times, (peak, seen) if device.type == "cuda" else None)
+    return findings.method_costs(models, times, memory.read())
 
 
-def quick_test_accuracy(policy, tokenizer, n, max_new_tokens):
-    """Greedy accuracy on the first n test problems: the learning curve (no OOD, no Maj/Pass)."""
-    return task.evaluate(policy, tokenizer, n_test=n, n_ood=0, k=0,
-                           max_new_tokens=max_new_tokens)["test_greedy"]
+def quick_test_accuracy(policy, tokenizer, args):
+    """Greedy accuracy on the first eval_curve test problems: the learning curve (no OOD, no
+    Maj/Pass)."""
+    return task.evaluate(policy, tokenizer, n_test=args.eval_curve, n_ood=0, k=0,
+                         max_new_tokens=args.max_new_tokens)["test_greedy"]
 
 
-def costs(models, times, peak_gpu) -> dict:
-    """A method's cost: time per update, the state its models keep (weights, and for trainable ones
-    a gradient and Adam's two moments), trainable parameters; on a GPU peak_gpu = (the peak of its
-    updates, the peak of everything since the method before it)."""
-    state = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1)
-                for m in models for p in m.parameters())
-    out = {"time_per_step": statistics.mean(times), "state_mb": state / 2**20,
-           "trainable_params": sum(p.numel() for m in models for p in m.parameters()
-                                   if p.requires_grad),
-           "models": "+".join(["policy", "pi_ref", "value"][:len(models)])}
-    if peak_gpu is not None:
-        out["peak_gpu_mb"], out["peak_gpu_seen_mb"] = peak_gpu[0] / 2**20, peak_gpu[1] / 2**20
-    return out
+def final_evaluation(model, tokenizer, args):
+    """Greedy, Maj@K and Pass@K on the test split, greedy on the OOD split."""
+    return task.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
+                         args.max_new_tokens)
 
 
 def run_seed(sft_model, tokenizer, methods, args, seed, out_dir) -> list:
     """Every method of one seed from pi_sft, each evaluated after; returns their costs."""
-    evaluate = lambda model: task.evaluate(model, tokenizer, args.eval_test, args.eval_ood,
-                                             args.k, args.temperature, args.max_new_tokens)
-    log = seed_log(out_dir, methods, args)
+    log = findings.seed_log(out_dir, [METHODS[m][0] for m in methods], args)
     common.set_seed(seed)
-    log.write({"method": "SFT model", "final": True, "seed": seed, "after": evaluate(sft_model)})
+    log.write({"method": "SFT model", "final": True, "seed": seed,
+               "after": final_evaluation(sft_model, tokenizer, args)})
     offline, all_costs = None, []
     for method in methods:
         name = METHODS[method][0]
@@ -571,45 +555,13 @@ def run_seed(sft_model, tokenizer, methods, args, seed, out_dir) -> list:
         policy = copy.deepcopy(sft_model).requires_grad_(True)
         cost = train_method(method, policy, sft_model, tokenizer, args, seed, log, offline)
         common.set_seed(seed)
-        result = evaluate(policy)
+        result = final_evaluation(policy, tokenizer, args)
         log.write({"method": name, "final": True, "seed": seed, "after": result, **cost})
         print(f"seed {seed} {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.items())
               + f", {cost['time_per_step']:.2f} s/update")
         all_costs.append(cost)
         del policy
     return all_costs
-
-
-# --------------------------------------------------------------------------------------------------
-# Where runs are kept: a folder per seed and settings; a --methods subset keeps the other methods
-
-
-def settings(args) -> dict:
-    """What was run: every option but those that only say where or which (seeds, methods)."""
-    return {f.name: getattr(args, f.name) for f in fields(args)
-            if f.name not in plumbing.NOT_IN_RUN_NAME}
-
-
-def seed_dir(args, seed) -> str:
-    """runs/05_unified/<options not at their defaults>_seed<seed>, or <out_dir>/seed<seed>."""
-    if args.out_dir:
-        return f"{args.out_dir}/seed{seed}"
-    return plumbing.run_dir("05_unified", args, PRETRAINED, seed=seed)
-
-
-def seed_log(out_dir, methods, args):
-    """The seed's metrics.jsonl, started anew but for the records of the methods not run now (when
-    they ran with the same settings): `--methods rft` does not erase GRPO's log."""
-    path, saved = Path(out_dir) / "metrics.jsonl", Path(out_dir) / "settings.json"
-    now = {METHODS[m][0] for m in methods} | {"SFT model"}
-    keep = []
-    if path.is_file() and saved.is_file() and json.loads(saved.read_text()) == settings(args):
-        keep = [r for r in map(json.loads, path.read_text().splitlines()) if r["method"] not in now]
-    log = plumbing.MetricsLog(out_dir)
-    saved.write_text(json.dumps(settings(args), indent=1) + "\n")
-    for record in keep:
-        log.write(record)
-    return log
 
 
 def main(argv=None):
@@ -621,8 +573,8 @@ def main(argv=None):
     device = None if args.report_only else plumbing.resolve_device(args.device)  # fails first
     print("The unified paradigm, eq. (5): each method is a data source, a reward and a gradient "
           "coefficient\n")
-    print(paradigm_table(methods) + "\n")
-    dirs = {seed: seed_dir(args, seed) for seed in seeds}
+    print(findings.paradigm_table(METHODS, methods) + "\n")
+    dirs = {seed: findings.seed_dir("05_unified", args, PRETRAINED, seed) for seed in seeds}
     if not args.report_only:
         sft_model, tokenizer = plumbing.load_policy(args.model, args.sft_steps, device,
                                                     args.cache_dir or None,
@@ -632,223 +584,9 @@ def main(argv=None):
                      for c in run_seed(sft_model, tokenizer, methods, args, seed, dirs[seed])]
         print(f"\nThe comparison: {len(methods)} methods x {len(seeds)} seeds, {args.steps} "
               f"updates of {args.batch_size} questions x {args.group_size} outputs each, on "
-              f"{device}, {time.time() - started:.0f}s; {memory_line(device, all_costs)}; logs in "
-              + ", ".join(dirs.values()))
-    final, curves, run_costs = read_runs(dirs, methods)
-    checked = report(final, curves, run_costs, args, seeds)
-    path = write_findings(checked, final, args, seeds)
-    print(f"\nPer-seed values of every finding: {path}")
-    return {"final": final, "curves": curves, "costs": run_costs, "findings": checked,
-            "dirs": dirs, "findings_file": path}
-
-
-# --------------------------------------------------------------------------------------------------
-# What the lesson prints and records: the comparison and the paper's findings
-
-
-def paradigm_table(methods) -> str:
-    """The table of section 5.2 for the chosen methods."""
-    lines = ["| method | data source | reward | gradient coefficient GC |", "|---|---|---|---|"]
-    lines += ["| " + " | ".join(METHODS[m]) + " |" for m in methods]
-    return "\n".join(lines)
-
-
-def memory_line(device, all_costs) -> str:
-    """The run's peak memory: on a GPU the largest over every method, its updates and evaluations
-    (train_method resets torch's peak before each update, so torch's own reading is only the last
-    stretch); on a CPU the process's peak resident size."""
-    if device.type != "cuda":
-        return plumbing.peak_memory(device)
-    seen = max([c["peak_gpu_seen_mb"] for c in all_costs]
-               + [torch.cuda.max_memory_allocated(device) / 2**20])
-    return f"peak GPU memory {seen:.0f} MiB (over every method, updates and evaluations)"
-
-
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def pct(values):
-    m, s = mean_std(values)
-    return f"{100 * m:.1f} ± {100 * s:.1f}%" if len(values) > 1 else f"{100 * m:.1f}%"
-
-
-def read_runs(dirs, methods):
-    """Every seed's results, read back from its log; stops with one line when a seed lacks one of
-    the methods, or when the seeds ran with different settings (the report pairs like with like)."""
-    names = ["SFT model"] + [METHODS[m][0] for m in methods]
-    found, curves, seen = {}, {}, {}  # name -> seed -> final record; name -> step -> [accuracy]
-    for seed, folder in dirs.items():
-        path = Path(folder) / "metrics.jsonl"
-        if not path.is_file():
-            plumbing.fail(f"{path} does not exist: run seed {seed} with these options first")
-        saved = Path(folder) / "settings.json"
-        if saved.is_file():
-            seen[seed] = json.loads(saved.read_text())
-        for record in map(json.loads, path.read_text().splitlines()):
-            if record["method"] not in names:
-                continue
-            if record.get("final"):
-                found.setdefault(record["method"], {})[seed] = record
-            elif "test_greedy" in record:
-                curves.setdefault(record["method"], {}).setdefault(record["step"], []).append(
-                    record["test_greedy"])
-    if len({json.dumps(s, sort_keys=True) for s in seen.values()}) > 1:
-        plumbing.fail("--report_only: seeds " + ",".join(map(str, seen)) + " ran with different "
-                      "settings (settings.json in their folders); compare runs of one setting")
-    for name in names:
-        have = sorted(found.get(name, {}))
-        if have != sorted(dirs):
-            plumbing.fail(f"--report_only: {name} has seeds {','.join(map(str, have)) or 'none'} "
-                          f"of {','.join(map(str, dirs))}: run it for the missing seeds first, or "
-                          "choose --seeds/--methods that every run has (no verdict on unpaired "
-                          "seeds)")
-    final = {n: [found[n][s]["after"] for s in dirs] for n in names}
-    run_costs = {n: [found[n][s] for s in dirs] for n in names[1:]}
-    return final, curves, run_costs
-
-
-def cost_line(costs):
-    """Section 4.1.1's motivation for GRPO, measured (a cost, not a finding of section 5.2)."""
-    if "PPO" not in costs or "GRPO+OS" not in costs:
-        return None
-    p, g = costs["PPO"], costs["GRPO+OS"]
-    mean = lambda cs, key: statistics.mean(c[key] for c in cs)
-    line = (f"GRPO+OS keeps {mean(g, 'state_mb'):.1f} MiB of weights+grads+Adam against PPO's "
-            f"{mean(p, 'state_mb'):.1f} MiB (no value model) and takes "
-            f"{mean(g, 'time_per_step'):.2f} s per update against {mean(p, 'time_per_step'):.2f} s")
-    if all("peak_gpu_mb" in c for c in p + g):
-        line += (f"; peak GPU memory {mean(g, 'peak_gpu_mb'):.0f} vs "
-                 f"{mean(p, 'peak_gpu_mb'):.0f} MiB")
-    return line
-
-
-# The comparisons that the 1/|o| normaliser decides (Online RFT and RFT, whose GC is never negative,
-# learn to answer at once and collapse; docs/05_unified.md): under it they say nothing of the paper.
-ARTIFACT = "decided by the 1/|o| artifact, not a test of the paper (see --normaliser constant)"
-
-
-def finding(claim, plus, minus, key, n, artifact=False) -> dict:
-    """One finding from per-seed results: plus, minus = (name, [result per seed]), the difference
-    plus - minus (the paper's sign positive). Besides the verdict: the smallest difference these
-    seeds could detect (the rule's 2 std over seeds) and the test set's own sampling error of the
-    difference (binomial, sqrt(p(1-p)/n) of each run, in quadrature; mean over seeds)."""
-    (a, runs_a), (b, runs_b) = plus, minus
-    per_seed = [x[key] - y[key] for x, y in zip(runs_a, runs_b)]
-    error = statistics.mean(math.sqrt((x[key] * (1 - x[key]) + y[key] * (1 - y[key])) / n)
-                            for x, y in zip(runs_a, runs_b))
-    return {"claim": claim, "verdict": ARTIFACT if artifact else plumbing.verdict(per_seed),
-            "per_seed": per_seed, "detectable": 2 * mean_std(per_seed)[1] if len(per_seed) > 1
-            else None, "test_error": error, "metric": key,
-            "values": {a: [x[key] for x in runs_a], b: [y[key] for y in runs_b]}}
-
-
-def show(ds):
-    m, s = mean_std(ds)
-    per_seed = ", ".join(f"{100 * d:+.1f}" for d in ds)
-    return f"{100 * m:+.1f} ± {100 * s:.1f} pts (per seed {per_seed})"
-
-
-def findings(final, curves, args) -> list:
-    """The paper's findings of section 5.2, each judged by plumbing.verdict (or labelled)."""
-    out, n, k = [], args.eval_test, args.k
-    for better, worse, claim in (("Online RFT", "RFT", "Online RFT ends above RFT (Figure 5)"),
-                                 ("GRPO+OS", "Online RFT", "GRPO ends above Online RFT (Figure 5)"),
-                                 ("GRPO+PS", "GRPO+OS", "GRPO+PS ends above GRPO+OS (Figure 5)")):
-        if better in final and worse in final:
-            row = finding(claim, (better, final[better]), (worse, final[worse]), "test_greedy", n,
-                          artifact="Online RFT" in (better, worse) and args.normaliser == "output")
-            row["numbers"] = f"greedy test, {better} - {worse}: {show(row['per_seed'])}"
-            steps = sorted(set(curves.get(better, {})) & set(curves.get(worse, {})) - {0})
-            if better == "Online RFT" and steps:
-                gap = lambda s: 100 * statistics.mean(
-                    a - b for a, b in zip(curves[better][s], curves[worse][s]))
-                row["numbers"] += "; on the curve " + ", ".join(f"{gap(s):+.1f} at step {s}"
-                                                                for s in steps)
-            out.append(row)
-    for m in ("GRPO+OS", "GRPO+PS", "PPO", "Online RFT"):
-        if m in final:
-            rl, sft = (m, final[m]), ("SFT model", final["SFT model"])
-            maj = finding(f"RL ({m}) raises Maj@{k}", rl, sft, f"test_maj@{k}", n)
-            maj["numbers"] = f"Maj@{k} - SFT model's: {show(maj['per_seed'])}"
-            pas = finding(f"Pass@{k}", rl, sft, f"test_pass@{k}", n)
-            gap = [a - b for a, b in zip(maj["per_seed"], pas["per_seed"])]
-            more = {"claim": f"RL ({m}) raises Maj@{k} more than Pass@{k}",
-                    "verdict": plumbing.verdict(gap), "per_seed": gap,
-                    "detectable": 2 * mean_std(gap)[1] if len(gap) > 1 else None,
-                    "test_error": math.hypot(maj["test_error"], pas["test_error"]),
-                    "metric": f"(maj - pass)@{k}", "values": {**maj["values"], **{
-                        f"{name} pass": v for name, v in pas["values"].items()}},
-                    "numbers": f"Maj@{k} gain - Pass@{k} gain: {show(gap)}; "
-                               f"Pass@{k} - SFT model's: {show(pas['per_seed'])}"}
-            out += [maj, more]
-            break
-    return out
-
-
-def report(final, curves, costs, args, seeds) -> list:
-    cols = list(final["SFT model"][0])
-    print(f"Final evaluation ({args.eval_test} test, {args.eval_ood} OOD problems; mean ± std over "
-          f"seeds {seeds}):\n")
-    print("| model | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|")
-    for name, results in final.items():
-        print(f"| {name} | " + " | ".join(pct([r[c] for r in results]) for c in cols) + " |")
-    if curves:
-        steps = sorted({s for c in curves.values() for s in c})
-        print(f"\nTest accuracy (greedy, {args.eval_curve} problems) during training, mean over "
-              "seeds:\n")
-        print("| method | " + " | ".join(f"step {s}" for s in steps) + " |\n"
-              + "|---" * (len(steps) + 1) + "|")
-        for name, c in curves.items():
-            print(f"| {name} | " + " | ".join(f"{100 * statistics.mean(c[s]):.1f}%" if s in c
-                                               else "" for s in steps) + " |")
-    cost_table(costs)
-    checked = findings(final, curves, args)
-    print(f"\nThe paper's findings (section 5.2), judged on {len(seeds)} "
-          f"seed{'s' if len(seeds) > 1 else ''}: {plumbing.VERDICT_RULE}. Inconclusive means these "
-          "runs cannot tell, not that the two are the same. Each row gives the smallest difference "
-          f"its seeds could detect (2 std over seeds) and the test set's sampling error "
-          f"(binomial, {args.eval_test} problems).\n")
-    for row in checked:
-        seen = ("n/a (one seed)" if row["detectable"] is None
-                else f"{100 * row['detectable']:.1f} pts")
-        print(f"- [{row['verdict']}] {row['claim']}: {row['numbers']}; smallest detectable "
-              f"difference {seen}; test-set error ± {100 * row['test_error']:.1f} pts")
-    return checked
-
-
-def cost_table(costs):
-    print("\nCost of each method at the same batch (state = weights + gradients + Adam moments of "
-          "the models it keeps):\n")
-    gpu = all("peak_gpu_mb" in x for c in costs.values() for x in c)
-    print("| method | models kept | trainable params | state (MiB) | time per update (s) |"
-          + (" peak GPU (MiB) |" if gpu else "") + "\n|---|---|---|---|---|"
-          + ("---|" if gpu else ""))
-    mean = lambda c, key: statistics.mean(x[key] for x in c)
-    for name, c in costs.items():
-        print(f"| {name} | {c[0]['models']} | {c[0]['trainable_params']:,} | "
-              f"{mean(c, 'state_mb'):.1f} | {mean(c, 'time_per_step'):.2f} |"
-              + (f" {mean(c, 'peak_gpu_mb'):.0f} |" if gpu else ""))
-    if not gpu:
-        print("(no GPU: peak GPU memory is measured only on CUDA; time per update is wall time)")
-    line = cost_line(costs)
-    if line:
-        print(f"\nWhat GRPO saves (section 4.1.1's motivation, a cost measured here, not a "
-              f"finding): {line}.")
-
-
-def write_findings(checked, final, args, seeds) -> str:
-    """Every finding's per-seed values, beside the runs: <runs>/<options>_findings_seeds<S>.json."""
-    one = seed_dir(args, seeds[0])
-    path = one[:-len(f"seed{seeds[0]}")] + "findings_seeds" + "-".join(map(str, seeds)) + ".json"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({
-        "command": "python 05_unified.py --report_only --seeds " + ",".join(map(str, seeds)),
-        "settings": settings(args), "seeds": seeds, "rule": plumbing.VERDICT_RULE,
-        "test_problems": args.eval_test, "findings": checked,
-        "final": {name: dict(zip(map(str, seeds), runs)) for name, runs in final.items()}},
-        indent=1) + "\n")
-    return path
+              f"{device}, {time.time() - started:.0f}s; {findings.memory_line(device, all_costs)}; "
+              "logs in " + ", ".join(dirs.values()))
+    return findings.unified_report(METHODS, methods, dirs, args)  # tables, costs, the findings
 
 
 def parse_list(text: str, what: str, cast=str) -> list:

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-import statistics
+import textwrap
 from pathlib import Path
 
 
@@ -35,8 +35,9 @@ def parse_args(argv=None):
         description="Draw learning curves from metrics.jsonl files to a PNG.")
     parser.add_argument("files", nargs="+",
                         help="metrics.jsonl files; each is labelled by its parent folder")
-    parser.add_argument("--out", default="figures/curves.png",
-                        help="the PNG to write (folders are created)")
+    parser.add_argument("--out", default="runs/curves.png",
+                        help="the PNG to write (folders are created); figures/ holds the course's "
+                             "own, so give it there only to redraw one of them")
     parser.add_argument("--metrics", nargs="+", default=["reward", "accuracy", "kl", "test_greedy"],
                         help="keys to draw, one panel each; a key no line has is left out")
     parser.add_argument("--x", default="step",
@@ -238,12 +239,13 @@ def maj_pass_figure(files: list[str], out: str, title: str, plt):
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{split} split, mean of {len(found)} run(s), T={found[0]['temperature']}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        legend(ax)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight",
+                bbox_extra_artists=legends(fig))
     plt.close(fig)
     print(f"wrote {out}: Maj@K and Pass@K for K = {ks}, {len(found)} file(s)")
     if len(found) > 1:
@@ -253,17 +255,14 @@ def maj_pass_figure(files: list[str], out: str, title: str, plt):
 
 def print_maj_pass_gains(found: list[dict], splits: list[str], ks: list[int]):
     """The gains over seeds, judged by the course's criterion."""
-    import plumbing
+    from findings import VERDICT_RULE, points, verdict
 
     print(f"\nGain after GRPO at each K, mean ± std over {len(found)} runs. The paper's finding "
           f"(Figure 7) is that RL raises Maj@K and not Pass@K. The bracket judges the gap Maj@K "
           f"gain - Pass@K gain > 0, which a falling Pass@K can make positive while Maj@K stays "
-          f"flat: read the Maj@K gain column for the finding itself [{plumbing.VERDICT_RULE}]:\n")
+          f"flat: read the Maj@K gain column for the finding itself [{VERDICT_RULE}]:\n")
     print("| split | K | Maj@K gain | Pass@K gain "
           "| Maj@K gain - Pass@K gain [verdict on the gap] |\n|---|---|---|---|---|")
-
-    def show(xs):
-        return f"{100 * statistics.mean(xs):+.1f} ± {100 * statistics.stdev(xs):.1f} pts"
 
     for split in splits:
         before, after = (f"{split}, {m}" for m in ("SFT model", "after GRPO (outcome)"))
@@ -272,9 +271,9 @@ def print_maj_pass_gains(found: list[dict], splits: list[str], ks: list[int]):
                            - r["maj_pass"][before][f"{kind}@{k}"] for r in found]
                     for kind in ("maj", "pass")}
             gap = [m - p for m, p in zip(gain["maj"], gain["pass"])]
-            verdict = "equal by definition at K = 1" if k == 1 else plumbing.verdict(gap)
-            print(f"| {split} | {k} | {show(gain['maj'])} | {show(gain['pass'])} "
-                  f"| {show(gap)} [{verdict}] |")
+            judged = "equal by definition at K = 1" if k == 1 else verdict(gap)
+            print(f"| {split} | {k} | {points(gain['maj'], False)} | "
+                  f"{points(gain['pass'], False)} | {points(gap, False)} [{judged}] |")
 
 
 SPARSE_POINTS = 20  # a line this short (test_greedy, logged only at evaluations) is drawn as points
@@ -330,10 +329,26 @@ def main(argv=None):
     fig, wrote = draw(panels, args, plt)
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=120)
+    fig.savefig(args.out, dpi=120, bbox_inches="tight",
+                bbox_extra_artists=legends(fig))
     plt.close(fig)
     print(wrote)
     return args.out
+
+
+def legend(ax, width: int = 36):
+    """The panel's legend below it, each label wrapped to the panel's width, so a long run name
+    neither runs past the panel nor covers the curves (savefig's bbox_inches="tight" keeps it)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, [textwrap.fill(label, width) for label in labels], fontsize=7,
+                  loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False
+                  ).set_in_layout(False)  # the panels keep their size; the PNG grows to fit
+
+
+def legends(fig) -> list:
+    """The panels' legends: savefig(bbox_inches="tight") makes room for them."""
+    return [ax.get_legend() for ax in fig.axes if ax.get_legend()]
 
 
 def draw(panels: dict, args, plt):
@@ -364,8 +379,7 @@ def draw(panels: dict, args, plt):
         ax.set_title(metric)
         ax.set_xlabel(args.x)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        legend(ax)
     if args.title:
         fig.suptitle(args.title)
     wrote = (f"wrote {args.out}: {', '.join(panels)} for {len(labels)} file(s)"

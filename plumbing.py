@@ -429,37 +429,19 @@ def sft_warm_start(policy, tokenizer, steps: int, batch_size: int = 64, lr: floa
 
 
 # --------------------------------------------------------------------------------------------------
-# Reports: tables, verdicts, logs
-
-VERDICT_RULE = ("reproduced = the paper's sign on every seed and |mean| >= 2 std over seeds; "
-                "contradicted = the opposite sign on every seed and |mean| >= 2 std; "
-                "inconclusive = anything else (one seed is always inconclusive)")
-
-
-def verdict(diffs: list) -> str:
-    """The criterion every finding of the course is judged by (VERDICT_RULE), on per-seed
-    differences (method - baseline, the paper's sign positive). Symmetric: a null result is
-    inconclusive whatever the sign of its mean. One seed cannot tell a finding from noise."""
-    diffs = [round(d, 9) for d in diffs]  # accuracies are counts / N: a residue is no difference
-    if len(diffs) < 2:
-        return "inconclusive, 1 seed"
-    m = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1))
-    if all(d > 0 for d in diffs) and m >= 2 * sd:
-        return "reproduced"
-    if all(d < 0 for d in diffs) and -m >= 2 * sd:
-        return "contradicted"
-    return "inconclusive"
+# Reports: tables and logs (the verdict rule and the findings: findings.py)
 
 
 def results_table(rows: dict) -> str:
     """A Markdown table: a row per name (e.g. "SFT model", "after GRPO"), a column per metric."""
     names = list(rows)
-    cols = list(rows[names[0]])
+    cols = list(dict.fromkeys(c for name in names for c in rows[name]))  # every row's, in order
+    if not cols:  # evaluation off (--eval_test 0 --eval_ood 0): a table that says so
+        return "\n".join(["| model | evaluated |", "|---|---|"] + [f"| {n} | no |" for n in names])
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name in names:
         cells = [f"{100 * v:.1f}%" if isinstance(v, float) else str(v)
-                 for v in (rows[name][c] for c in cols)]
+                 for v in (rows[name].get(c, "-") for c in cols)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

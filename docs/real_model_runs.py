@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import plumbing  # noqa: E402
+from findings import VERDICT_RULE, finding_line  # noqa: E402
 
 
 def load_script(path: Path):
@@ -221,20 +222,8 @@ def lesson_rows(logs: dict) -> list:
     return rows
 
 
-def finding_line(claim: str, diffs: list, what: str) -> str:
-    """A finding judged by the course's rule, with what its seeds could detect."""
-    judged = plumbing.verdict(diffs)
-    per_seed = ", ".join(f"{100 * d:+.1f}" for d in diffs)
-    if len(diffs) > 1:
-        m, sd = statistics.mean(diffs), statistics.stdev(diffs)
-        numbers = f"{100 * m:+.1f} ± {100 * sd:.1f} pts; smallest detectable about {200 * sd:.1f}"
-    else:
-        numbers = f"{100 * diffs[0]:+.1f} pts" if diffs else "no run finished"
-    return f"| {claim} | {what} | {per_seed or '-'} | {numbers} | {judged if diffs else '-'} |"
-
-
 def findings(rows: list, k: int = 8) -> list:
-    """Section 5.2's findings on the real model, each judged by plumbing.verdict."""
+    """Section 5.2's findings on the real model, each judged by findings.verdict."""
     def find(job, method=None):
         return next((r for r in rows if r["job"] == job
                      and (method is None or r["method"] == method)), None)
@@ -320,7 +309,7 @@ def write_page(args, lane: dict, logs: dict, rows: list) -> Path:
                      f"{arrow(f'test_pass@{k}')} | {arrow('ood_greedy')} | {step} | {mem} |")
     lines += stopped_lines(logs, done)
     lines += ["", "## Section 5.2's findings on the real model", "",
-              f"Rule: {plumbing.VERDICT_RULE}. One test set of 200 problems has its own sampling "
+              f"Rule: {VERDICT_RULE}. One test set of 200 problems has its own sampling "
               "error, about sqrt(p(1-p)/200): 3.5 points at 50%, 2.8 at 80%.", "",
               "| finding | measured as | per seed | mean ± std | verdict |",
               "|---|---|---|---|---|"]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import findings
 import task
 
 import plumbing
@@ -281,20 +282,21 @@ def test_main_end_to_end_tiny(cache_dir, tmp_path, capsys):
     assert "A_{i,t} + beta * (pi_ref/pi_theta - 1) |" in printed
     assert "What GRPO saves" in printed
     # one seed: no verdict; under 1/|o| the two comparisons with Online RFT are labelled, not judged
-    assert [row["verdict"] for row in out["findings"]] == [L.ARTIFACT] * 2 + ["inconclusive, 1 seed"] * 3
+    assert [row["verdict"] for row in out["findings"]] == [findings.ARTIFACT] * 2 + ["inconclusive, 1 seed"] * 3
     assert printed.count("- [inconclusive, 1 seed] ") == 3
     assert printed.count("smallest detectable difference n/a (one seed); test-set error ± ") == 5
     kept = json.loads(open(out["findings_file"]).read())  # the per-seed values of every finding
     assert [row["per_seed"] for row in kept["findings"]] == [row["per_seed"] for row in out["findings"]]
-    # the report is made from the logs alone: --report_only prints the same tables and findings again
-    again = L.main(argv + ["--report_only"])
+    # the report is made from the logs alone: `python findings.py 05` (lesson 05's --report_only)
+    # prints the same tables and findings again
+    again = findings.main(["05"] + argv)
     assert again["findings"] == out["findings"] and again["final"] == out["final"]
     assert printed.split("Final evaluation")[1] == capsys.readouterr().out.split("Final evaluation")[1]
 
 
 def test_mean_and_std_over_seeds():
-    assert L.pct([0.5, 0.7]) == "60.0 ± 14.1%"
-    assert L.pct([0.25]) == "25.0%"
+    assert findings.pct([0.5, 0.7]) == "60.0 ± 14.1%"
+    assert findings.pct([0.25]) == "25.0%"
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -462,7 +464,7 @@ def test_findings_on_several_seeds_from_the_logs(tmp_path, capsys, normaliser):
     stand_in_logs(tmp_path, GREEDY, maj, pas)
     out = L.main(["--report_only", "--seeds", "0,1,2", "--out_dir", str(tmp_path), "--normaliser", normaliser,
                   "--methods", "rft,online_rft,grpo_os,grpo_ps"])
-    first = ["reproduced", "contradicted"] if normaliser == "constant" else [L.ARTIFACT] * 2
+    first = ["reproduced", "contradicted"] if normaliser == "constant" else [findings.ARTIFACT] * 2
     assert [(row["claim"], row["verdict"]) for row in out["findings"]] == [
         ("Online RFT ends above RFT (Figure 5)", first[0]),
         ("GRPO ends above Online RFT (Figure 5)", first[1]),
