@@ -202,3 +202,36 @@ def test_maj_pass_refuses_incomplete_or_mixed_runs(tmp_path):
     assert "different K" in one_line_error([*good, other_k, "--maj_pass", "--out", out])
     unnamed = [write_jsonl(tmp_path / name / "metrics.jsonl", [line]) for name in ("a", "b")]
     assert "different settings" in one_line_error([*unnamed, "--maj_pass", "--out", out])
+
+
+def test_without_out_the_figure_goes_under_runs_not_into_figures(tmp_path, metrics_files, monkeypatch):
+    """figures/ is tracked (the course's own figures): a figure drawn with no --out must not land there."""
+    seeds, _ = metrics_files
+    monkeypatch.chdir(tmp_path)
+    plot_curves.main(seeds)
+    assert (tmp_path / "runs" / "curves.png").is_file() and not (tmp_path / "figures").exists()
+
+
+def test_long_run_names_stay_under_their_own_panel(tmp_path):
+    """A legend sits below its panel, no wider than it, each label wrapped, so no name runs into the
+    next panel or over the curves (they overflowed the panels when drawn inside them)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["loss_agg-constant_scale_rewards-none_kl_estimator-k2_mu-2_seed0",
+             "loss_agg-token_kl_estimator-k1_warmup_steps-40_seed0", "seed0"]
+    files = [write_jsonl(tmp_path / n / "metrics.jsonl", [{"step": s, "reward": s, "kl": s} for s in (1, 2)])
+             for n in names]
+    args = plot_curves.parse_args(files + ["--metrics", "reward", "kl"])
+    panels = {m: plot_curves.curves(files, m, args.x, args.methods) for m in args.metrics}
+    fig, _ = plot_curves.draw(panels, args, plt)
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        panel, legend = ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)
+        assert legend.width <= panel.width and legend.y1 <= panel.y0  # as wide as the panel, below it
+        assert panel.x0 - 0.5 * (panel.width - legend.width) - 1 <= legend.x0  # centred under it
+        assert all(len(line) <= 36 for t in ax.get_legend().get_texts() for line in t.get_text().split("\n"))
+    plt.close(fig)
