@@ -52,55 +52,51 @@ GRADE = {
 class Bug:
     lesson: str  # "01", "02", "03"
     name: str  # what the page's answer calls it
-    function: str  # the equation function whose line it changes
     old: str  # found exactly once in the lesson file
     new: str
 
 
 BUGS = [
-    Bug("01", "GAE bootstraps from the padding", "gae",
+    Bug("01", "GAE bootstraps from the padding",
         "nextvalues = values[:, t + 1] * next_mask", "nextvalues = values[:, t + 1]"),
-    Bug("01", "GAE without lambda", "gae",
+    Bug("01", "GAE without lambda",
         "lastgaelam = (delta + gamma * lam * next_mask * lastgaelam)",
         "lastgaelam = (delta + gamma * next_mask * lastgaelam)"),
-    Bug("01", "the KL penalty with the wrong sign", "kl_penalised_rewards",
+    Bug("01", "the KL penalty with the wrong sign",
         "rewards = -beta * log_ratio", "rewards = beta * log_ratio"),
-    Bug("01", "r_phi on the last column, not the last real token", "kl_penalised_rewards",
+    Bug("01", "r_phi on the last column, not the last real token",
         "rewards[torch.arange(len(scores)), last] +=", "rewards[:, -1] +="),
-    Bug("01", "whitening over the padding", "whiten",
+    Bug("01", "whitening over the padding",
         "mean = (x * mask).sum() / n", "mean = x.mean()"),
-    Bug("01", "max instead of min in the clipped surrogate", "ppo_clipped_surrogate",
+    Bug("01", "max instead of min in the clipped surrogate",
         "surrogate = torch.min(ratio * advantages, clipped * advantages)\n"
         "    per_output",
         "surrogate = torch.max(ratio * advantages, clipped * advantages)\n"
         "    per_output"),
     Bug("02", "the sample std (ddof 1), not the group's population std",
-        "grpo_outcome_advantages",
         "std = r.std(1, keepdim=True, unbiased=False)", "std = r.std(1, keepdim=True)"),
-    Bug("02", "no guard for a group whose rewards are all equal", "grpo_outcome_advantages",
+    Bug("02", "no guard for a group whose rewards are all equal",
         "return torch.where(std > 0, (r - mean) / safe, torch.zeros_like(r)).view(-1)",
         "return ((r - mean) / std).view(-1)"),
-    Bug("02", "the baseline is the batch's mean, not the group's", "grpo_outcome_advantages",
+    Bug("02", "the baseline is the batch's mean, not the group's",
         "mean = r.mean(1, keepdim=True)", "mean = r.mean()"),
-    Bug("02", "k3 with pi_theta and pi_ref swapped", "kl_k3",
+    Bug("02", "k3 with pi_theta and pi_ref swapped",
         "log_ratio = ref_logp - logp", "log_ratio = logp - ref_logp"),
-    Bug("02", "the KL term added, not subtracted", "grpo_loss",
+    Bug("02", "the KL term added, not subtracted",
         "per_token = surrogate - beta * kl\n", "per_token = surrogate + beta * kl\n"),
-    Bug("02", "the padding mask dropped from the token sum", "grpo_loss",
+    Bug("02", "the padding mask dropped from the token sum",
         "objective = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_outputs",
         "objective = (per_token.sum(1) / mask.sum(1).clamp(min=1)).sum() / num_outputs"),
-    Bug("02", "every output divided by the padded length T, not its own |o_i|", "grpo_loss",
+    Bug("02", "every output divided by the padded length T, not its own |o_i|",
         "objective = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / num_outputs",
         "objective = ((per_token * mask).sum(1) / mask.shape[1]).sum() / num_outputs"),
-    Bug("02", "the gradient flows through pi_old's log-probs", "grpo_step",
+    Bug("02", "the gradient flows through pi_old's log-probs",
         "old_logp[rows] = logp.detach()", "old_logp[rows] = logp"),
     Bug("03", "the advantage sums the earlier steps, not the later ones",
-        "grpo_process_advantages",
         "return placed.flip(1).cumsum(1).flip(1)", "return placed.cumsum(1)"),
-    Bug("03", "the sample std (ddof 1) over the group's steps", "grpo_process_advantages",
+    Bug("03", "the sample std (ddof 1) over the group's steps",
         "(r - mean[group]) ** 2) / count).sqrt()", "(r - mean[group]) ** 2) / (count - 1)).sqrt()"),
     Bug("03", "two steps ending on one token: the second overwrites the first",
-        "grpo_process_advantages",
         "index_put_((row, end), normalised, accumulate=True)",
         "index_put_((row, end), normalised, accumulate=False)"),
 ]
@@ -130,6 +126,16 @@ def plant(source: str, bug: Bug, path: Path) -> str:
         fail(f"{path.name}: the text this bug changes ({first!r}) is there {count} times, not "
              f"once: was the file edited, or a bug already planted? `git checkout {path.name}`")
     return source.replace(bug.old, bug.new)
+
+
+def function_of(bug: Bug) -> str:
+    """The name of the lesson's top-level function whose lines hold bug.old ("" if none)."""
+    import ast
+
+    source = (REPO / f"{LESSONS[bug.lesson]}.py").read_text()
+    line = source[:source.find(bug.old)].count("\n") + 1
+    return next((node.name for node in ast.parse(source).body if isinstance(node, ast.FunctionDef)
+                 and node.lineno <= line <= node.end_lineno), "")
 
 
 def pick(key: str, seed: int) -> Bug:
@@ -202,7 +208,7 @@ if __name__ == "__main__":
         print("BUGHUNT " + json.dumps(check(lesson_key(argv[1]))))
     elif argv[:1] == ["--reveal"] and len(argv) == 3 and argv[2].isdigit():
         bug = pick(lesson_key(argv[1]), int(argv[2]))
-        print(f"{LESSONS[bug.lesson]}.py, {bug.function}: {bug.name}\n  original: "
+        print(f"{LESSONS[bug.lesson]}.py, {function_of(bug)}: {bug.name}\n  original: "
               f"{bug.old.strip()}\n  planted:  {bug.new.strip()}")
     elif len(argv) in (1, 2) and not argv[0].startswith("-") and all(a.isdigit() for a in argv[1:]):
         hunt(lesson_key(argv[0]), int(argv[1]) if len(argv) == 2 else random.randrange(1000))
