@@ -144,23 +144,14 @@ def token_values(value_model, batch: common.Batch) -> torch.Tensor:
     return values * batch.completion_mask
 
 
-@torch.no_grad()
-def token_values_no_grad(value_model, batch: common.Batch, micro_batch_size: int = 0):
-    """token_values with no graph, at most micro_batch_size outputs a pass (0: all at once):
-    V_psi's values at sampling time, V_old.  # [N, T]"""
-    values = torch.zeros(batch.completion_ids.shape, device=batch.completion_ids.device)
-    for rows in common.micro_batches(batch, micro_batch_size):
-        values[rows] = token_values(value_model, batch.select(rows))
-    return values
-
-
 # --------------------------------------------------------------------------------------------------
 # The algorithm, one function per equation
 
 
-def outcome_scores(problems: list, texts: list) -> torch.Tensor:
-    """r_phi(q, o): 1 if output o's final answer is right, else 0.  # [N]"""
-    return torch.tensor([float(task.verify(p, t)["correct"]) for p, t in zip(problems, texts)])
+def outcome_rewards(problems: list, texts: list, group_size: int) -> torch.Tensor:
+    """r_i: 1 if output i's final answer is right, else 0.  # [B*G]"""
+    graded = [task.verify(problems[i // group_size], t) for i, t in enumerate(texts)]
+    return torch.tensor([float(g["correct"]) for g in graded])
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:
@@ -244,7 +235,7 @@ def ppo_clipped_surrogate(logp, old_logp, advantages, mask, clip_eps: float,
     ratio = torch.exp(log_ratio)  # [n, T]
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
     surrogate = torch.min(ratio * advantages, clipped * advantages)
-    per_output = (surrogate * mask).sum(1) / mask.sum(1).clamp(min=1)  # 1/|o| sum_t
+    per_output = common.masked_mean(surrogate, mask, dim=1)  # 1/|o| sum_t
     objective = per_output.sum() / num_outputs  # E over the minibatch's outputs
     with torch.no_grad():
         clip_frac = ((ratio - 1).abs() > clip_eps).float()
@@ -274,13 +265,15 @@ def clipped_value_loss(values, old_values, returns, mask, value_clip: float, num
 def rollout(policy, ref_policy, tokenizer, problems: list, args: Args) -> dict:
     """pi_old <- pi_theta; one output o ~ pi_old(.|q) per question q, scored by r_phi; the
     per-token rewards of eq. (2); and the minibatches of every epoch (the same for both models)."""
-    T, M = args.temperature, args.micro_batch_size
+    temperature, mbs = args.temperature, args.micro_batch_size
     prompts = [task.prompt_text(p) for p in problems]
-    batch = common.sample(policy, tokenizer, prompts, 1, T, args.max_new_tokens)
+    batch = common.sample(policy, tokenizer, prompts, 1, temperature, args.max_new_tokens)
     mask = batch.completion_mask.float()  # [N, T]
-    scores = outcome_scores(problems, batch.texts).to(mask.device)  # [N]: r_phi
-    old_logp = common.token_logprobs(policy, batch, T, grad=False, micro_batch_size=M)  # pi_old
-    ref_logp = common.token_logprobs(ref_policy, batch, T, grad=False, micro_batch_size=M)  # pi_ref
+    scores = outcome_rewards(problems, batch.texts, 1).to(mask.device)  # [N]: r_phi, one a q
+    old_logp = common.token_logprobs(policy, batch, temperature, grad=False,
+                                     micro_batch_size=mbs)  # [N, T] pi_old
+    ref_logp = common.token_logprobs(ref_policy, batch, temperature, grad=False,
+                                     micro_batch_size=mbs)  # [N, T] pi_ref
     rewards, log_ratio = kl_penalised_rewards(scores, old_logp, ref_logp, mask, args.beta)
     minibatches = [idx.to(mask.device) for _ in range(args.ppo_epochs)  # a new order each epoch
                    for idx in torch.randperm(len(batch)).split(args.minibatch_size)]
@@ -293,7 +286,8 @@ def value_step(value_model, value_optimizer, sampled: dict, args: Args) -> dict:
     advantages (whitened) and returns, then one Adam step of the clipped value loss a minibatch,
     its gradient added up over micro-batches."""
     batch, mask = sampled["batch"], sampled["mask"]
-    old_values = token_values_no_grad(value_model, batch, args.micro_batch_size)  # [N, T]
+    old_values = common.no_grad_pass(token_values, value_model, batch,
+                                     args.micro_batch_size)  # [N, T] V_old, at sampling time
     advantages, returns = gae(sampled["rewards"], old_values, mask, args.gamma, args.lam)
     value_model.train()
     losses, clip_fracs = [], []
@@ -410,11 +404,14 @@ def explained_variance(values, returns, mask) -> float:
     return float("nan") if var_y == 0 else (1 - (y - y_pred).var(unbiased=False) / var_y).item()
 
 
+def mean(values: list) -> float:
+    return sum(values) / len(values)  # over the step's minibatch updates
+
+
 def step_stats(sampled: dict, critic: dict, updates: dict) -> dict:
     """One line of metrics.jsonl from what the three parts of a step returned."""
     mask, log_ratio, scores = sampled["mask"], sampled["log_ratio"], sampled["scores"]
     n_tokens = mask.sum().clamp(min=1)
-    mean = lambda values: sum(values) / len(values)  # over the step's minibatch updates
     return {"reward": scores.mean().item(), "accuracy": (scores == 1).float().mean().item(),
             "kl": (log_ratio.sum() / n_tokens).item(),  # mean log(pi_old / pi_ref) per token
             "kl_per_output": log_ratio.sum(1).mean().item(),
@@ -439,9 +436,9 @@ def model_bytes(model, optimizer=None) -> int:
 def cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer) -> dict:
     """The cost table: parameters, trainable parameters, weights + Adam state of each model."""
     def row(model, optim=None):
-        count = lambda trainable: sum(p.numel() for p in model.parameters()
-                                      if p.requires_grad or not trainable)
-        return {"parameters": f"{count(False):,}", "trainable": f"{count(True):,}",
+        every = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return {"parameters": f"{every:,}", "trainable": f"{trainable:,}",
                 "weights + Adam state": f"{model_bytes(model, optim) / 2**20:.1f} MiB"}
     return {"pi_theta (policy)": row(policy, optimizer),
             "V_psi (value model)": row(value_model, value_optimizer),

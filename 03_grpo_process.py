@@ -207,22 +207,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta:
     return -objective, stats
 
 
-def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Args,
-              supervision: str) -> dict:
-    """One pass of the loop, lesson 02's grpo_step with a reward per step (process) or per output
-    (outcome): sample a group per question from pi_old, score, then mu updates of eq. (3)."""
-    G, T = args.group_size, args.temperature
-    # pi_old <- pi_theta; sample G outputs o_i ~ pi_old(.|q) for each question q
-    prompts = [task.prompt_text(p) for p in problems]
-    batch = common.sample(policy, tokenizer, prompts, G, T, args.max_new_tokens)
-    mask = batch.completion_mask  # [B*G, T]
-    outcome = outcome_rewards(problems, batch.texts, G).to(mask.device)  # r_i  [B*G]
-    R, index = step_rewards(problems, batch, G)  # r_i^index(j) and index(j), K_i of each o_i
-    if supervision == "process":
-        token_advantages = grpo_process_advantages(R, index, G, mask.shape[1]).to(mask.device)
-    else:  # outcome: A_{i,t} = r~_i for every token of o_i
-        token_advantages = grpo_outcome_advantages(outcome, G)[:, None].expand_as(mask)
-    ref_logp = common.token_logprobs(ref_policy, batch, T, grad=False,
+def grpo_update(policy, ref_policy, optimizer, batch, token_advantages, args, loss_agg="output",
+                kl_estimator="k3") -> dict:
+    """mu updates of eq. (3) on one batch sampled from pi_old (Algorithm 1's lines 10-11), each in
+    micro-batches whose losses add up to the whole batch's. token_advantages: [B*G, T] A_{i,t}.
+    Returns the last update's loss and statistics, summed over its micro-batches."""
+    temperature, mask = args.temperature, batch.completion_mask  # mask: [B*G, T]
+    ref_logp = common.token_logprobs(ref_policy, batch, temperature, grad=False,
                                      micro_batch_size=args.micro_batch_size, buckets=4)
     old_logp = torch.zeros_like(ref_logp)  # [B*G, T] pi_old, filled by the first iteration
     num_outputs, num_tokens = len(batch), mask.sum().clamp(min=1)
@@ -232,12 +223,12 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
         loss, kl, clip_frac = 0, 0, 0
         # gradient accumulation: each micro-batch's loss is its share of the whole batch's
         for rows in common.micro_batches(batch, args.micro_batch_size):
-            logp = common.token_logprobs(policy, batch.select(rows), T, buckets=4)  # [n, T]
+            logp = common.token_logprobs(policy, batch.select(rows), temperature, buckets=4)
             if grpo_iteration == 0:  # pi_old is pi_theta before its first update
                 old_logp[rows] = logp.detach()
             part_loss, stats = grpo_loss(logp, old_logp[rows], ref_logp[rows],
                                          token_advantages[rows], mask[rows], args.clip_eps,
-                                         args.beta, "output", "k3", args.max_new_tokens,
+                                         args.beta, loss_agg, kl_estimator, args.max_new_tokens,
                                          num_outputs, num_tokens)
             part_loss.backward()
             loss, kl = loss + part_loss.item(), kl + stats["kl"]
@@ -245,8 +236,26 @@ def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Ar
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         optimizer.step()
     policy.eval()
-    return {"outcome": outcome, "step_rewards": R, "advantages": token_advantages, "kl": kl,
-            "clip_frac": clip_frac, "loss": loss, "grad_norm": grad_norm.item(),
+    return {"kl": kl, "clip_frac": clip_frac, "loss": loss, "grad_norm": grad_norm.item()}
+
+
+def grpo_step(policy, ref_policy, tokenizer, optimizer, problems: list, args: Args,
+              supervision: str) -> dict:
+    """One pass of the loop, lesson 02's grpo_step with a reward per step (process) or per output
+    (outcome): sample a group per question from pi_old, score, then mu updates of eq. (3)."""
+    G = args.group_size
+    # pi_old <- pi_theta; sample G outputs o_i ~ pi_old(.|q) for each question q
+    prompts = [task.prompt_text(p) for p in problems]
+    batch = common.sample(policy, tokenizer, prompts, G, args.temperature, args.max_new_tokens)
+    mask = batch.completion_mask  # [B*G, T]
+    outcome = outcome_rewards(problems, batch.texts, G).to(mask.device)  # r_i  [B*G]
+    R, index = step_rewards(problems, batch, G)  # r_i^index(j) and index(j), K_i of each o_i
+    if supervision == "process":
+        token_advantages = grpo_process_advantages(R, index, G, mask.shape[1]).to(mask.device)
+    else:  # outcome: A_{i,t} = r~_i for every token of o_i
+        token_advantages = grpo_outcome_advantages(outcome, G)[:, None].expand_as(mask)
+    updated = grpo_update(policy, ref_policy, optimizer, batch, token_advantages, args)
+    return {"outcome": outcome, "step_rewards": R, "advantages": token_advantages, **updated,
             "completion_len": mask.sum(1).float().mean().item()}
 
 

@@ -304,34 +304,28 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta:
     return -objective, stats
 
 
-def grpo_step(policy, ref_policy, reward_model, tokenizer, optimizer, problems: list, args: Args):
-    """Lines 6-11, lesson 02's grpo_step rewarded by r_phi: sample a group per question from pi_old,
-    reward each output with r_phi, then mu updates of eq. (3). Returns the step's statistics and
-    the outputs labelled by the verifier (r_phi's next data; the update never sees the labels)."""
-    G, T = args.group_size, args.temperature
-    # line 6: pi_old <- pi_theta, the policy as it is now; line 7: G outputs o_i ~ pi_old(.|q)
-    prompts = [task.prompt_text(p) for p in problems]
-    batch = common.sample(policy, tokenizer, prompts, G, T, args.max_new_tokens)
-    mask = batch.completion_mask  # [B*G, T]
-    rewards = rm_rewards(reward_model, batch, args.micro_batch_size)  # line 8: r_phi  [B*G]
-    advantages = grpo_outcome_advantages(rewards, G, args.scale_rewards == "group")  # line 9
-    token_advantages = advantages[:, None].expand_as(mask)  # [B*G, T]: A_{i,t} = r~_i
-    ref_logp = common.token_logprobs(ref_policy, batch, T, grad=False,
+def grpo_update(policy, ref_policy, optimizer, batch, token_advantages, args, loss_agg="output",
+                kl_estimator="k3") -> dict:
+    """mu updates of eq. (3) on one batch sampled from pi_old (Algorithm 1's lines 10-11), each in
+    micro-batches whose losses add up to the whole batch's. token_advantages: [B*G, T] A_{i,t}.
+    Returns the last update's loss and statistics, summed over its micro-batches."""
+    temperature, mask = args.temperature, batch.completion_mask  # mask: [B*G, T]
+    ref_logp = common.token_logprobs(ref_policy, batch, temperature, grad=False,
                                      micro_batch_size=args.micro_batch_size, buckets=4)
     old_logp = torch.zeros_like(ref_logp)  # [B*G, T] pi_old, filled by the first iteration
     num_outputs, num_tokens = len(batch), mask.sum().clamp(min=1)
     policy.train()
-    for grpo_iteration in range(args.mu):  # line 10
+    for grpo_iteration in range(args.mu):  # GRPO iterations on the same batch
         optimizer.zero_grad()
         loss, kl, clip_frac = 0, 0, 0
-        # line 11, gradient accumulation: each micro-batch's loss is its share of the whole batch's
+        # gradient accumulation: each micro-batch's loss is its share of the whole batch's
         for rows in common.micro_batches(batch, args.micro_batch_size):
-            logp = common.token_logprobs(policy, batch.select(rows), T, buckets=4)  # [n, T]
+            logp = common.token_logprobs(policy, batch.select(rows), temperature, buckets=4)
             if grpo_iteration == 0:  # pi_old is pi_theta before its first update
                 old_logp[rows] = logp.detach()
             part_loss, stats = grpo_loss(logp, old_logp[rows], ref_logp[rows],
                                          token_advantages[rows], mask[rows], args.clip_eps,
-                                         args.beta, "output", "k3", args.max_new_tokens,
+                                         args.beta, loss_agg, kl_estimator, args.max_new_tokens,
                                          num_outputs, num_tokens)
             part_loss.backward()
             loss, kl = loss + part_loss.item(), kl + stats["kl"]
@@ -339,10 +333,25 @@ def grpo_step(policy, ref_policy, reward_model, tokenizer, optimizer, problems: 
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
         optimizer.step()
     policy.eval()
+    return {"kl": kl, "clip_frac": clip_frac, "loss": loss, "grad_norm": grad_norm.item()}
+
+
+def grpo_step(policy, ref_policy, reward_model, tokenizer, optimizer, problems: list, args: Args):
+    """Lines 6-11, lesson 02's grpo_step rewarded by r_phi: sample a group per question from pi_old,
+    reward each output with r_phi, then mu updates of eq. (3). Returns the step's statistics and
+    the outputs labelled by the verifier (r_phi's next data; the update never sees the labels)."""
+    G = args.group_size
+    # line 6: pi_old <- pi_theta, the policy as it is now; line 7: G outputs o_i ~ pi_old(.|q)
+    prompts = [task.prompt_text(p) for p in problems]
+    batch = common.sample(policy, tokenizer, prompts, G, args.temperature, args.max_new_tokens)
+    mask = batch.completion_mask  # [B*G, T]
+    rewards = rm_rewards(reward_model, batch, args.micro_batch_size)  # line 8: r_phi  [B*G]
+    advantages = grpo_outcome_advantages(rewards, G, args.scale_rewards == "group")  # line 9
+    token_advantages = advantages[:, None].expand_as(mask)  # [B*G, T]: A_{i,t} = r~_i
+    updated = grpo_update(policy, ref_policy, optimizer, batch, token_advantages, args)  # 10-11
     correct = outcome_rewards(problems, batch.texts, G)  # the verifier: logs and r_phi's data only
     stats = {"rm_reward": rewards.mean().item(), "accuracy": correct.sum().item() / len(correct),
-             "kl": kl, "clip_frac": clip_frac, "loss": loss, "grad_norm": grad_norm.item(),
-             "adv_abs": advantages.abs().mean().item(),
+             **updated, "adv_abs": advantages.abs().mean().item(),
              "zero_adv_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
              "completion_len": mask.sum(1).float().mean().item()}
     return stats, examples_from_batch(batch, correct)

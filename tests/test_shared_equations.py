@@ -10,12 +10,15 @@ from conftest import REPO
 
 # equation -> (the lesson that teaches it, the lessons that copy it)
 SHARED = {
-    "outcome_rewards": ("02_grpo_outcome", ["03_grpo_process", "04_iterative_grpo", "05_unified"]),
+    "outcome_rewards": ("02_grpo_outcome",
+                        ["01_ppo", "03_grpo_process", "04_iterative_grpo", "05_unified"]),
     "grpo_outcome_advantages": ("02_grpo_outcome",
                                 ["03_grpo_process", "04_iterative_grpo", "05_unified"]),
     "kl_k3": ("02_grpo_outcome", ["03_grpo_process", "04_iterative_grpo"]),
     "grpo_loss": ("02_grpo_outcome", ["03_grpo_process", "04_iterative_grpo"]),
+    "grpo_update": ("02_grpo_outcome", ["03_grpo_process", "04_iterative_grpo"]),
     "grpo_process_advantages": ("03_grpo_process", ["05_unified"]),
+    "step_rewards": ("03_grpo_process", ["05_unified"]),
     "kl_penalised_rewards": ("01_ppo", ["05_unified"]),
     "last_token_index": ("01_ppo", ["05_unified"]),
     "gae": ("01_ppo", ["05_unified"]),
