@@ -356,8 +356,7 @@ def main(argv=None):
                                              args.cache_dir or None,
                                              micro_batch_size=args.micro_batch_size)
     ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: pi_sft, frozen
-    before = task.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
-                             args.temperature, args.max_new_tokens)
+    before = final_evaluation(policy, tokenizer, args)
     print(plumbing.results_table({"SFT model": before}))
     # V_psi, from pi_sft; loaded after the evaluation, whose random state is then lesson 02's
     value_model = load_value_model(policy.name_or_path, device).eval()
@@ -393,6 +392,12 @@ def main(argv=None):
 
 # --------------------------------------------------------------------------------------------------
 # What the lesson prints and records, and what the critic costs
+
+
+def final_evaluation(model, tokenizer, args):
+    """Greedy, Maj@K and Pass@K on the test split, greedy on the OOD split."""
+    return task.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
+                         args.max_new_tokens)
 
 
 def explained_variance(values, returns, mask) -> float:
@@ -447,8 +452,7 @@ def cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer) -> di
 
 def report(policy, value_model, ref_policy, tokenizer, optimizer, value_optimizer, before, records,
            memory, log, args, out_dir, device, started) -> dict:
-    after = task.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
-                            args.temperature, args.max_new_tokens)
+    after = final_evaluation(policy, tokenizer, args)
     policy.save_pretrained(f"{out_dir}/model")
     tokenizer.save_pretrained(f"{out_dir}/model")
     value_model.save_pretrained(f"{out_dir}/value_model")

@@ -50,13 +50,15 @@ import plumbing
 from plumbing import arg
 
 AGGS, SCALES, KLS = ("output", "token", "constant"), ("group", "none"), ("k3", "k1", "k2")
+SEED_MUST = f"use a seed in 0 .. {2**32 - 1}"
 
 
 @dataclass
 class Args:
     model: str = arg("tiny", "tiny (built in), smollm2, a model folder, a .gguf file or a hub id")
     sft_steps: int = arg(plumbing.SFT_STEPS, "SFT steps that make pi_sft (cached)", min=0)
-    seed: int = arg(0, "seed of the train problems, sampling and init", min=0, below=2**32)
+    seed: int = arg(0, "seed of the train problems, sampling and init", min=0, below=2**32,
+                    must=SEED_MUST)
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
     steps: int = arg(60, "sampled batches; each gives mu policy updates", min=1)
     batch_size: int = arg(16, "questions per step", min=1)
@@ -216,9 +218,7 @@ def main(argv=None):
                                              args.cache_dir or None,
                                              micro_batch_size=args.micro_batch_size)
     ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: pi_sft, frozen
-    evaluate = lambda: task.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
-                                       args.temperature, args.max_new_tokens)
-    before = evaluate()
+    before = final_evaluation(policy, tokenizer, args)
     print(plumbing.results_table({"SFT model": before}))
 
     common.set_seed(args.seed)
@@ -245,9 +245,14 @@ def main(argv=None):
 # What the lesson prints and records
 
 
+def final_evaluation(model, tokenizer, args):
+    """Greedy, Maj@K and Pass@K on the test split, greedy on the OOD split."""
+    return task.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k, args.temperature,
+                         args.max_new_tokens)
+
+
 def report(policy, ref_policy, tokenizer, before, args, log, out_dir, device, started) -> dict:
-    after = task.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
-                            args.temperature, args.max_new_tokens)
+    after = final_evaluation(policy, tokenizer, args)
     memory = plumbing.peak_memory(device)  # the whole run's: sampling, updates, evaluations
     policy.save_pretrained(f"{out_dir}/model")
     tokenizer.save_pretrained(f"{out_dir}/model")

@@ -288,8 +288,10 @@ def main(argv=None):
     device = plumbing.resolve_device(args.device)
     common.set_seed(args.seed)
     out_dir = plumbing.run_dir("03_grpo_process", args, PRETRAINED)
-    load = lambda: plumbing.load_policy(args.model, args.sft_steps, device, args.cache_dir or None,
-                                        micro_batch_size=args.micro_batch_size)
+
+    def load():  # pi_sft, freshly loaded
+        return plumbing.load_policy(args.model, args.sft_steps, device, args.cache_dir or None,
+                                    micro_batch_size=args.micro_batch_size)
 
     policy, tokenizer = load()
     ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)  # pi_ref: pi_sft, frozen
@@ -333,7 +335,7 @@ def step_record(step: int, computed: dict, supervision: str, group_size: int) ->
 def evaluate_with_step_errors(model, tokenizer, args: Args) -> dict:
     """Greedy accuracy, Maj@K, Pass@K and OOD (task.evaluate), and the step errors."""
     return {**task.evaluate(model, tokenizer, args.eval_test, args.eval_ood, args.k,
-                              args.temperature, args.max_new_tokens),
+                            args.temperature, args.max_new_tokens),
             **step_error_rates(model, tokenizer, args.eval_test, args.eval_ood,
                                args.max_new_tokens)}
 

@@ -137,7 +137,7 @@ def main(argv=None):
 
     policy, tokenizer = load()
     evaluate = lambda: task.evaluate(policy, tokenizer, args.eval_test, args.eval_ood, args.k,
-                                       args.temperature, args.max_new_tokens)
+                                     args.temperature, args.max_new_tokens)
     before = evaluate()
     print(plumbing.results_table({"SFT model": before}))
 
