@@ -59,9 +59,8 @@ class Bug:
 BUGS = [
     Bug("01", "GAE bootstraps from the padding",
         "nextvalues = values[:, t + 1] * next_mask", "nextvalues = values[:, t + 1]"),
-    Bug("01", "GAE without lambda",
-        "lastgaelam = (delta + gamma * lam * next_mask * lastgaelam)",
-        "lastgaelam = (delta + gamma * next_mask * lastgaelam)"),
+    Bug("01", "the ratio upside down, pi_old / pi_theta",
+        "log_ratio = logp - old_logp", "log_ratio = old_logp - logp"),
     Bug("01", "the KL penalty with the wrong sign",
         "rewards = -beta * log_ratio", "rewards = beta * log_ratio"),
     Bug("01", "r_phi on the last column, not the last real token",
