@@ -1,23 +1,29 @@
 """The whole real-model lane in one command: every lesson on SmolLM2-135M-Instruct, on one GPU.
 
-    python docs/real_model_runs.py                  # on a GPU: at most 25 minutes (the budget)
+    python docs/real_model_runs.py                  # on a GPU: at most 9 minutes (the budget)
     python docs/real_model_runs.py --smoke          # the same path on the CPU, a 2-layer cut, tiny,
                                                     # two of the jobs
 
-It builds the shared pi_sft once (200 SFT steps), then runs one process per run, all sharing the
-GPU: lesson 01 (PPO), lesson 02 on three seeds, lesson 03's two supervisions, lesson 04 with r_phi
-re-trained and frozen, lesson 05's seven methods (one seed) and TRL's GRPOTrainer beside lesson 02.
-Jobs still running when the wall-clock budget ends are stopped and listed as not finished on the
-results page, with how far they got (--only picks jobs). Measured on one H200 with a budget of 11.5
-minutes (docs/real_model_results.md): the GPU was busy all the time, lesson 05 and TRL finished,
-lessons 01-04 stopped at 55-80% of their steps; 25 minutes is an estimate from those step rates.
+It builds the shared pi_sft once (200 SFT steps), times a lesson 02 step and an evaluation in a
+probe, prints its estimate of every job (ESTIMATED from those rates and the relative costs in
+PER_UPDATE), then runs the jobs in a pool of --parallel processes (3), longest first; a job the
+estimate says cannot end within the budget is not started. The jobs (JOBS): every Section 5.2
+finding on 3 seeds: lesson 02, lesson 03's two supervisions, lesson 04 with r_phi re-trained and
+frozen, lesson 05's compared methods (every method on seed 0), lesson 01 and TRL's GRPOTrainer on
+seed 0. --micro_batch_size -1 (auto) runs every pass over the whole batch when each process has
+32 GiB of free GPU memory; --precision tf32|fp32 sets the matmul precision of every job and TRL
+alike. Before issue 31 (16 processes at once, eager sampling) one H200 ran out of an 11.5-minute
+budget with lessons 01-04 unfinished (docs/real_model.md); these settings are not yet measured.
 It writes each job's log and metrics under --out (runs/real_model) and one results page,
 docs/real_model_results.md: before/after per lesson, step time, peak GPU memory, and each Section
 5.2 finding with the course's verdict rule. --smoke writes its page under --out instead.
 """
 
 import argparse
+import contextlib
+import functools
 import importlib.util
+import io
 import json
 import os
 import statistics
@@ -42,21 +48,36 @@ def load_script(path: Path):
 
 
 METHODS_05 = load_script(REPO / "05_unified.py").METHODS  # key -> (name, data, reward, GC)
+SEEDS = (0, 1, 2)
+COMPARED_05 = ("rft", "online_rft", "grpo_os", "grpo_ps")  # the methods the findings compare
 # name -> the command's script and its own flags (every job also gets --model and --out_dir).
-# One process per run: lesson 03's two supervisions and lesson 05's seven methods run side by side
-# (each from the same pi_sft and seed, as one process would run them one after the other).
+# Every finding on 3 seeds. One process per lesson and seed where the lesson runs several runs
+# itself: they then share one evaluation of pi_sft (03's two supervisions; 05's methods, RFT and
+# DPO also their offline samples). Lessons 04's and seed 0's other 05 methods: a process each.
 JOBS = {
-    "01_ppo": ["01_ppo.py"],
-    "02_seed0": ["02_grpo_outcome.py", "--seed", "0"],
-    "02_seed1": ["02_grpo_outcome.py", "--seed", "1"],
-    "02_seed2": ["02_grpo_outcome.py", "--seed", "2"],
-    "03_process": ["03_grpo_process.py", "--supervision", "process"],
-    "03_outcome": ["03_grpo_process.py", "--supervision", "outcome"],
-    "04_iterative": ["04_iterative_grpo.py"],
-    "04_frozen": ["04_iterative_grpo.py", "--frozen_rm"],
-    **{f"05_{m}": ["05_unified.py", "--seeds", "0", "--methods", m] for m in METHODS_05},
+    "01_seed0": ["01_ppo.py", "--seed", "0"],
+    **{f"02_seed{s}": ["02_grpo_outcome.py", "--seed", str(s)] for s in SEEDS},
+    **{f"03_seed{s}": ["03_grpo_process.py", "--supervision", "both", "--seed", str(s)]
+       for s in SEEDS},
+    **{f"04_{kind}_seed{s}": ["04_iterative_grpo.py", "--seed", str(s)] + flag  # lesson 04's
+       for s in SEEDS for kind, flag in (("iterative", []), ("frozen", ["--frozen_rm"]))},
+    **{f"05_seed{s}": ["05_unified.py", "--seeds", str(s), "--methods", ",".join(COMPARED_05)]
+       for s in SEEDS},
+    "05_seed0_more": ["05_unified.py", "--seeds", "0", "--methods",
+                      ",".join(m for m in METHODS_05 if m not in COMPARED_05)],
     "trl_seed0": ["docs/trl_grpo.py", "--seed", "0"],
 }
+# The estimate, in lesson 02 steps (16 questions x G = 8) that the lane's probe times. Work per
+# policy update relative to lesson 02's: the H200 run's step times with 16 processes sharing the
+# GPU (docs/real_model_lane), not a measurement of this code; TRL's from the time model of issue
+# 31 (its generate is not captured: about 3 lesson 02 steps). r_phi's steps: a guess.
+PER_UPDATE = {"01_ppo.py": 1.35, "02_grpo_outcome.py": 1.0, "03_grpo_process.py": 1.0,
+              "04_iterative_grpo.py": 1.07, "docs/trl_grpo.py": 3.0, "sft": 0.11, "rft": 0.10,
+              "dpo": 0.12, "online_rft": 0.41, "ppo": 0.60, "grpo_os": 0.49, "grpo_ps": 0.48}
+RM_STEP = 0.25  # one r_phi training step of lesson 04 (64 outputs), in lesson 02 steps
+START_SECONDS = 30  # a process: python, torch, the model, the first CUDA graphs (estimated)
+OVERLAP = 1.5  # how many processes' work the GPU does at once (time-sliced; estimated)
+WHOLE_BATCH_GIB = 32  # free GPU memory per process that takes every pass over the whole batch
 # --smoke: the same jobs at tiny settings on the CPU (seconds each on a 2-layer cut)
 SMOKE = ["--sft_steps", "1", "--steps", "1", "--batch_size", "2", "--micro_batch_size", "2",
          "--eval_test", "2", "--eval_ood", "2", "--k", "2", "--max_new_tokens", "16",
@@ -66,21 +87,31 @@ SMOKE_EXTRA = {  # by script
     "04_iterative_grpo.py": ["--iterations", "2", "--rm_init_questions", "2", "--rm_init_steps",
                              "1", "--rm_steps", "1", "--rm_batch_size", "4",
                              "--rm_eval_questions", "2"],
-    "05_unified.py": ["--eval_every", "0"],
+    "05_unified.py": ["--eval_every", "0", "--methods", "grpo_os"],  # the last --methods wins
 }
 # --smoke runs two jobs: the lane's own path (pi_sft once, processes, lane.json, the page), not
 # the lessons' (tests/test_real_model.py runs each lesson on the 2-layer cut, parses every job)
-SMOKE_JOBS = ["02_seed0", "05_grpo_os"]
+SMOKE_JOBS = ["02_seed0", "05_seed1"]
 PRETRAINED_SFT_STEPS = 200  # every lesson's PRETRAINED sft_steps: one pi_sft serves them all
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, a 2-layer cut, tiny settings")
-    parser.add_argument("--budget_minutes", type=float, default=25.0, help="wall-clock budget")
+    parser.add_argument("--budget_minutes", type=float, default=9.0,
+                        help="wall-clock budget: a job the estimate says cannot end in it is not "
+                             "started")
     parser.add_argument("--only", default="", help="comma-separated job names (default: all)")
     parser.add_argument("--parallel", type=int, default=0,
-                        help="jobs at once (default: all of them on a GPU, 2 on the CPU)")
+                        help="processes at once, longest jobs first (default: 3 on a GPU, 2 on "
+                             "the CPU)")
+    parser.add_argument("--micro_batch_size", type=int, default=-1,
+                        help="-1 (auto): the whole batch (0) when each process has "
+                             f"{WHOLE_BATCH_GIB} GiB of free GPU memory, else the lessons' "
+                             "PRETRAINED 16; or a number given to every lesson")
+    parser.add_argument("--precision", choices=("tf32", "fp32"), default="tf32",
+                        help="fp32 matmuls on the GPU, for every job and TRL alike: tf32 "
+                             "(TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1) or full fp32 (=0)")
     parser.add_argument("--out", default="", help="where the runs go (default runs/real_model)")
     parser.add_argument("--report_only", action="store_true",
                         help="run nothing: the page again from --out's lane.json and logs")
@@ -121,15 +152,100 @@ def commands(args, model: str) -> dict:
     for name in args.jobs:
         group = [] if name == "01_ppo" else ["--group_size", "2"]
         extra = SMOKE + group + SMOKE_EXTRA.get(JOBS[name][0], []) if args.smoke else []
+        if getattr(args, "micro_batch_size", -1) >= 0 and not args.smoke:  # the lane's choice
+            extra = extra + ["--micro_batch_size", str(args.micro_batch_size)]
         out[name] = ([sys.executable, str(REPO / JOBS[name][0])] + JOBS[name][1:]
                      + ["--model", model, "--out_dir", str(args.out / name)] + extra)
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _lesson(script: str):
+    return load_script(REPO / ("02_grpo_outcome.py" if script == "docs/trl_grpo.py" else script))
+
+
+def job_work(name: str, smoke: bool = False) -> tuple:
+    """(lesson 02 steps of work, evaluations of 200 + 200 problems) of a job on the GPU, read from
+    its command line as its own script parses it (lesson 04: its own PRETRAINED settings)."""
+    script = JOBS[name][0]
+    lesson = _lesson(script)
+    smoke_argv = SMOKE + ([] if script == "01_ppo.py" else ["--group_size", "2"]) + (
+        SMOKE_EXTRA.get(script, [])) if smoke else []
+    with contextlib.redirect_stdout(io.StringIO()):  # parse_args says which PRETRAINED it took
+        a = plumbing.parse_args(lesson.Args, JOBS[name][1:] + ["--model", "smollm2"] + smoke_argv,
+                                lesson.PRETRAINED)
+    if script == "05_unified.py":  # pi_sft evaluated once, then each method
+        methods = a.methods.split(",")
+        return sum(PER_UPDATE[m] for m in methods) * a.steps, 1 + len(methods)
+    if script == "04_iterative_grpo.py":
+        rm_steps = a.rm_init_steps + (0 if a.frozen_rm else a.rm_steps * a.iterations)
+        return PER_UPDATE[script] * a.steps * a.iterations + RM_STEP * rm_steps, 2
+    runs = 2 if getattr(a, "supervision", "") == "both" else 1
+    return PER_UPDATE[script] * a.steps * runs, 1 + runs
+
+
+def estimate(names: list, rates: dict, parallel: int, smoke: bool = False) -> tuple:
+    """Seconds of each job when `parallel` processes share the GPU (each slowed by parallel /
+    OVERLAP), and the schedule's end: longest first, each into the first free process."""
+    slow = parallel / min(parallel, OVERLAP)
+    seconds = {}
+    for name in names:
+        steps, evaluations = job_work(name, smoke)
+        seconds[name] = slow * (START_SECONDS + steps * rates["step"]
+                                + evaluations * rates["evaluate"])
+    free = [0.0] * parallel
+    for name in sorted(names, key=seconds.get, reverse=True):
+        free[free.index(min(free))] += seconds[name]
+    return seconds, max(free)
+
+
+def probe(model: str, smoke: bool, micro_batch_size: int) -> dict:
+    """The lane's own step rates (in a process of its own, at the lane's settings): seconds of a
+    lesson 02 step, the best of two after a first one (which captures the CUDA graphs), and of
+    one evaluation (200 + 200 problems, K = 8). What the estimate scales."""
+    import copy
+
+    import torch
+
+    import task
+
+    lesson = _lesson("02_grpo_outcome.py")
+    argv = ["--model", model] + (SMOKE + ["--group_size", "2"] if smoke else []) + (
+        ["--micro_batch_size", str(micro_batch_size)] if micro_batch_size >= 0 else [])
+    with contextlib.redirect_stdout(io.StringIO()):
+        a = plumbing.parse_args(lesson.Args, argv, lesson.PRETRAINED)
+    device = plumbing.resolve_device(a.device)
+    policy, tokenizer = plumbing.load_policy(a.model, a.sft_steps, device,
+                                             micro_batch_size=a.micro_batch_size)
+    ref_policy = copy.deepcopy(policy).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=a.lr)
+    problems, times = task.train_problems(0), []
+    for _ in range(2 if smoke else 3):
+        t0 = plumbing.clock(device)
+        lesson.grpo_step(policy, ref_policy, tokenizer, optimizer,
+                         [next(problems) for _ in range(a.batch_size)], a)
+        times.append(plumbing.clock(device) - t0)
+    t0 = plumbing.clock(device)
+    task.evaluate(policy, tokenizer, a.eval_test, a.eval_ood, a.k, a.temperature,
+                  a.max_new_tokens)
+    return {"step": min(times[1:]), "first_step": times[0],
+            "evaluate": plumbing.clock(device) - t0}
+
+
+def run_probe(args, model: str, env: dict) -> dict:
+    code = (f"import json, sys; sys.path.insert(0, {str(REPO / 'docs')!r}); "
+            f"import real_model_runs as r; print('PROBE', json.dumps(r.probe({model!r}, "
+            f"{args.smoke}, {args.micro_batch_size})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(next(line for line in out.splitlines() if line.startswith("PROBE"))[6:])
+
+
 def prepare(args, model: str, env: dict) -> float:
     """Build the shared pi_sft (and the dequantised GGUF) once, before the parallel jobs start."""
+    micro = 16 if args.micro_batch_size < 0 else args.micro_batch_size
     sft_steps, micro, device = ((1, 2, "cpu") if args.smoke
-                                else (PRETRAINED_SFT_STEPS, 16, "auto"))
+                                else (PRETRAINED_SFT_STEPS, micro, "auto"))
     code = (f"import plumbing; plumbing.load_policy({model!r}, {sft_steps}, {device!r}, "
             f"micro_batch_size={micro})")
     started = time.time()
@@ -138,14 +254,19 @@ def prepare(args, model: str, env: dict) -> float:
     return time.time() - started
 
 
-def run_jobs(args, cmds: dict, env: dict, deadline: float) -> dict:
-    """Run the jobs, `parallel` at a time, until the deadline; job -> {rc, seconds, log}."""
-    parallel = args.parallel or (2 if args.smoke else len(cmds))
+def run_jobs(args, cmds: dict, env: dict, deadline: float, seconds: dict) -> dict:
+    """Run the jobs, args.parallel at a time, in the order given, until the deadline; a job whose
+    estimated `seconds` end after it is not started. job -> {rc, seconds, log}."""
+    parallel = args.parallel
     waiting, running, done = list(cmds), {}, {}
     last_print = 0.0
     while waiting or running:
         while waiting and len(running) < parallel and time.time() < deadline:
             name = waiting.pop(0)
+            if time.time() + seconds.get(name, 0) > deadline:  # it would be stopped: not started
+                done[name] = {"rc": None, "seconds": 0.0, "finished": False, "stopped": True,
+                              "not_started": True, "log": ""}
+                continue
             (args.out / name).mkdir(parents=True, exist_ok=True)
             log = open(args.out / name / "stdout.log", "w")
             proc = subprocess.Popen(cmds[name], cwd=REPO, env=env, stdout=log,
@@ -224,8 +345,8 @@ def lesson_rows(logs: dict) -> list:
 
 def findings(rows: list, k: int = 8) -> list:
     """Section 5.2's findings on the real model, each judged by findings.verdict."""
-    def find(job, method=None):
-        return next((r for r in rows if r["job"] == job
+    def find(run, method=None):  # run: a job, or job/folder (03's supervisions, 05's seeds)
+        return next((r for r in rows if r["run"].split(" ")[0] == run
                      and (method is None or r["method"] == method)), None)
 
     seeds = [r for r in (find(f"02_seed{s}") for s in range(3)) if r]
@@ -237,17 +358,22 @@ def findings(rows: list, k: int = 8) -> list:
              finding_line(f"... more than Pass@{k}",
                           [gain(r, f"test_maj@{k}") - gain(r, f"test_pass@{k}") for r in seeds],
                           f"02, Maj@{k} gain - Pass@{k} gain")]
-    pairs = [("process supervision beats outcome", find("03_process"), find("03_outcome"),
+    # each pair on every seed: (claim, [(run a, run b) of each seed], what); a run: (job, method)
+    pairs = [("process supervision beats outcome",
+              [((f"03_seed{s}/process", None), (f"03_seed{s}/outcome", None)) for s in SEEDS],
               "03 process - outcome"),
-             ("iterative RL beats a frozen r_phi", find("04_iterative"), find("04_frozen"),
+             ("iterative RL beats a frozen r_phi",
+              [((f"04_iterative_seed{s}", None), (f"04_frozen_seed{s}", None)) for s in SEEDS],
               "04 re-trained - frozen r_phi")]
     for a, b in (("grpo_os", "online_rft"), ("online_rft", "rft"), ("grpo_ps", "grpo_os")):
         name_a, name_b = (METHODS_05[m][0] for m in (a, b))
-        pairs.append((f"{name_a} ends above {name_b}", find(f"05_{a}", name_a),
-                      find(f"05_{b}", name_b), f"05 {name_a} - {name_b}"))
-    for claim, ra, rb, what in pairs:
+        pairs.append((f"{name_a} ends above {name_b}",
+                      [((f"05_seed{s}/seed{s}", name_a), (f"05_seed{s}/seed{s}", name_b))
+                       for s in SEEDS], f"05 {name_a} - {name_b}"))
+    for claim, runs, what in pairs:
         for key in ("test_greedy", "ood_greedy"):
-            diffs = [ra["after"][key] - rb["after"][key]] if ra and rb else []
+            found = [(find(*a), find(*b)) for a, b in runs]
+            diffs = [ra["after"][key] - rb["after"][key] for ra, rb in found if ra and rb]
             lines.append(finding_line(claim, diffs, f"{what}, {key}"))
     return lines
 
@@ -339,14 +465,37 @@ def main(argv=None):
     env = {**os.environ, "TQDM_MININTERVAL": "5"}
     env.setdefault("OMP_NUM_THREADS", "1")  # many jobs, few cores: one CPU thread each
     env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # less fragmentation
+    # one precision for every job, TRL's included: cuBLAS reads it when each process starts
+    env["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "1" if args.precision == "tf32" else "0"
+    args.parallel = args.parallel or (2 if args.smoke else 3)
+    if args.micro_batch_size < 0 and not args.smoke:  # auto: whole batches where there is room
+        free = torch.cuda.mem_get_info()[0] / 2**30
+        args.micro_batch_size = 0 if free / args.parallel >= WHOLE_BATCH_GIB else -1
+        print(f"{free:.0f} GiB of GPU memory free, {args.parallel} processes: "
+              + ("every pass over the whole batch" if args.micro_batch_size == 0
+                 else "the lessons' micro-batches of 16"))
     cache = Path(os.environ.get("PPO_GRPO_CACHE", plumbing.DEFAULT_CACHE))
     model = smoke_model(cache) if args.smoke else "smollm2"
-    device = "CPU" if args.smoke else torch.cuda.get_device_name(0)
+    device = "CPU" if args.smoke else (f"{torch.cuda.get_device_name(0)}, matmuls in "
+                                       f"{args.precision}")
     prep_seconds = prepare(args, model, env)
-    done = run_jobs(args, commands(args, model), env, deadline)
+    rates = run_probe(args, model, env)
+    seconds, end = estimate(args.jobs, rates, args.parallel, args.smoke)
+    order = sorted(args.jobs, key=seconds.get, reverse=True)  # longest first
+    left = deadline - time.time()
+    print(f"probe: a lesson 02 step {rates['step']:.2f} s, an evaluation {rates['evaluate']:.1f} "
+          f"s. ESTIMATED: the {len(order)} jobs take {end / 60:.1f} min with {args.parallel} "
+          f"processes ({left / 60:.1f} min of the budget left); each: "
+          + ", ".join(f"{n} {seconds[n]:.0f}s" for n in order), flush=True)
+    cmds = commands(args, model)  # --smoke: no job left out (a loaded CPU is no GPU)
+    done = run_jobs(args, {n: cmds[n] for n in order}, env, deadline, {} if args.smoke else seconds)
+    done = {n: done[n] for n in args.jobs if n in done}  # the page lists them in JOBS order
     lane = {"command": " ".join(["python docs/real_model_runs.py"] + argv), "jobs": args.jobs,
             "date": time.strftime("%Y-%m-%d"), "device": device, "prep_seconds": prep_seconds,
-            "total": time.time() - started, "budget_minutes": args.budget_minutes, "done": done}
+            "total": time.time() - started, "budget_minutes": args.budget_minutes, "done": done,
+            "precision": args.precision, "micro_batch_size": args.micro_batch_size,
+            "probe": rates, "estimated_seconds": seconds, "estimated_end": end}
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lane.json").write_text(json.dumps(lane, indent=1) + "\n")
     return report(args, lane)
 

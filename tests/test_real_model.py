@@ -204,7 +204,9 @@ def test_the_real_model_lane_runs_whole_in_smoke_mode(smollm2_folder, cache_dir,
     runs = load_runs_script()
     out = runs.main(["--smoke", "--out", str(tmp_path)])
     assert all(d["finished"] for d in out["done"].values()), out["done"]
-    assert set(out["done"]) == set(runs.SMOKE_JOBS) == {"02_seed0", "05_grpo_os"}
+    assert set(out["done"]) == set(runs.SMOKE_JOBS) == {"02_seed0", "05_seed1"}
+    lane = json.loads((tmp_path / "lane.json").read_text())  # the probe ran, the estimate came
+    assert lane["probe"]["step"] > 0 and set(lane["estimated_seconds"]) == set(runs.SMOKE_JOBS)
     jobs_with_rows = {r["job"] for r in out["rows"]}
     assert jobs_with_rows == set(runs.SMOKE_JOBS), jobs_with_rows  # each wrote its before/after
     page = (tmp_path / "results.md").read_text()
@@ -216,18 +218,45 @@ def test_the_real_model_lane_runs_whole_in_smoke_mode(smollm2_folder, cache_dir,
 
 
 def test_every_job_of_the_real_model_lane_is_a_command_its_script_accepts():
-    """The GPU lane's 16 command lines (as on the GPU: --model smollm2 and the scripts' PRETRAINED),
-    parsed by each script's own Args: a wrong flag in JOBS fails here, not on a rare GPU."""
+    """The GPU lane's command lines (as on the GPU: --model smollm2, the scripts' PRETRAINED, the
+    lane's whole-batch setting), parsed by each script's own Args: a wrong flag in JOBS fails here,
+    not on a rare GPU; and together they cover issue 31's scope: every finding on 3 seeds."""
     runs = load_runs_script()
     args = runs.parse_args([])
-    assert len(args.jobs) == 16 and {runs.JOBS[j][0] for j in args.jobs} == {
-        "01_ppo.py", "02_grpo_outcome.py", "03_grpo_process.py", "04_iterative_grpo.py",
-        "05_unified.py", "docs/trl_grpo.py"}
+    args.micro_batch_size = 0  # what auto gives on a large GPU
+    runs_done = set()  # (script, seed, what) of every run the jobs make
     for name, argv in runs.commands(args, "smollm2").items():
         script = Path(argv[1]).relative_to(plumbing.REPO).as_posix()
         lesson = load_lesson("02_grpo_outcome" if script == "docs/trl_grpo.py" else script[:-3])
-        parsed = plumbing.parse_args(lesson.Args, argv[2:], lesson.PRETRAINED)
+        p = plumbing.parse_args(lesson.Args, argv[2:], lesson.PRETRAINED)
+        assert p.model == "smollm2" and p.out_dir.endswith(name) and p.micro_batch_size == 0
         if script == "05_unified.py":
-            lesson.check_args(parsed)
-            assert parsed.methods == name[3:] and parsed.seeds == "0"
-        assert parsed.model == "smollm2" and parsed.out_dir.endswith(name)
+            lesson.check_args(p)
+            runs_done |= {(script, int(p.seeds), m) for m in p.methods.split(",")}
+        elif script == "03_grpo_process.py":
+            runs_done |= {(script, p.seed, s) for s in (("outcome", "process")
+                          if p.supervision == "both" else (p.supervision,))}
+        elif script == "04_iterative_grpo.py":
+            assert "rm_lr" not in " ".join(argv)  # lesson 04's own PRETRAINED r_phi settings
+            runs_done.add((script, p.seed, "frozen" if p.frozen_rm else "iterative"))
+        else:
+            runs_done.add((script, p.seed, ""))
+    seeds = (0, 1, 2)
+    scope = {("01_ppo.py", 0, ""), ("docs/trl_grpo.py", 0, "")}
+    scope |= {("02_grpo_outcome.py", s, "") for s in seeds}
+    scope |= {("03_grpo_process.py", s, x) for s in seeds for x in ("outcome", "process")}
+    scope |= {("04_iterative_grpo.py", s, x) for s in seeds for x in ("iterative", "frozen")}
+    scope |= {("05_unified.py", s, m) for s in seeds for m in ("rft", "online_rft", "grpo_os",
+                                                             "grpo_ps")}
+    scope |= {("05_unified.py", 0, m) for m in load_lesson("05_unified").METHODS}
+    assert runs_done == scope, runs_done ^ scope
+
+
+def test_the_lane_estimates_every_job_and_plans_longest_first():
+    """The estimate the lane prints before it starts: every job has work, and the plan's end lies
+    between the longest job and the sum of all of them."""
+    runs = load_runs_script()
+    jobs = list(runs.JOBS)
+    seconds, end = runs.estimate(jobs, {"step": 0.5, "evaluate": 3.0}, 3)
+    assert all(runs.job_work(j)[0] > 0 for j in jobs)
+    assert max(seconds.values()) <= end < sum(seconds.values())

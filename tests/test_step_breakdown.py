@@ -28,3 +28,18 @@ def test_bad_version_is_one_line():
     out = subprocess.run([sys.executable, SCRIPT, "."], capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and out.stderr.strip().count("\n") == 0
     assert "LABEL=REPO_FOLDER" in out.stderr
+
+
+def test_the_gpu_probe_runs_its_path_on_the_cpu(tmp_path):
+    """docs/gpu_probe.py --smoke: a random-weight 2-layer SmolLM2 (no model file), the samplers'
+    rates and two lesson 02 processes at once, the results written (issue 31)."""
+    import json
+
+    out = tmp_path / "probe.json"
+    run = subprocess.run([sys.executable, str(plumbing.REPO / "docs" / "gpu_probe.py"), "--smoke",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert {d["sampler"] for d in result["decode"]} == {"static, eager", "token loop"}
+    assert result["steps"][0]["copies"] == 2 and all(s > 0 for s in result["steps"][0]["s_per_step"])
