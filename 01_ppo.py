@@ -386,8 +386,18 @@ def main(argv=None):
                         ev=f"{records[-1]['explained_variance']:.2f}",
                         clip=f"{records[-1]['clip_frac']:.3f}")
     memory = plumbing.peak_memory(device)  # of the training loop alone: read before the evaluation
-    return report(policy, value_model, ref_policy, tokenizer, optimizer, value_optimizer, before,
-                  records, memory, log, args, out_dir, device, started)
+    after = final_evaluation(policy, tokenizer, args)
+    policy.save_pretrained(f"{out_dir}/model")
+    tokenizer.save_pretrained(f"{out_dir}/model")
+    value_model.save_pretrained(f"{out_dir}/value_model")
+    result = {"before": before, "after": after, "out_dir": out_dir,
+              "cost": cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer),
+              "memory": memory, "mean_step_time": mean([r["step_time"] for r in records]),
+              "mean_value_time": mean([r["value_time"] for r in records])}
+    log.write({"final": True, **{k: v for k, v in result.items() if k != "out_dir"},
+               "wall_time": time.time() - started})
+    report(result, args, device, started)
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -410,7 +420,7 @@ def explained_variance(values, returns, mask) -> float:
 
 
 def mean(values: list) -> float:
-    return sum(values) / len(values)  # over the step's minibatch updates
+    return sum(values) / len(values)  # over a step's minibatch updates, or over the steps
 
 
 def step_stats(sampled: dict, critic: dict, updates: dict) -> dict:
@@ -450,29 +460,18 @@ def cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer) -> di
             "pi_ref (frozen)": row(ref_policy)}
 
 
-def report(policy, value_model, ref_policy, tokenizer, optimizer, value_optimizer, before, records,
-           memory, log, args, out_dir, device, started) -> dict:
-    after = final_evaluation(policy, tokenizer, args)
-    policy.save_pretrained(f"{out_dir}/model")
-    tokenizer.save_pretrained(f"{out_dir}/model")
-    value_model.save_pretrained(f"{out_dir}/value_model")
-    cost = cost_rows(policy, value_model, ref_policy, optimizer, value_optimizer)
-    mean_step = sum(r["step_time"] for r in records) / len(records)
-    mean_value = sum(r["value_time"] for r in records) / len(records)
-    log.write({"final": True, "before": before, "after": after, "cost": cost, "memory": memory,
-               "mean_step_time": mean_step, "mean_value_time": mean_value,
-               "wall_time": time.time() - started})
+def report(result: dict, args, device, started):
+    """The before/after table, what the critic costs and where a step's time goes."""
+    mean_step, mean_value = result["mean_step_time"], result["mean_value_time"]
     print(f"\nPPO, {args.steps} steps of {args.batch_size} questions x 1 output, {args.ppo_epochs} "
           f"epochs of minibatches of {args.minibatch_size}, on {device}, "
-          f"{time.time() - started:.0f}s; log in {out_dir}")
-    print(plumbing.results_table({"SFT model": before, "after PPO": after}))
+          f"{time.time() - started:.0f}s; log in {result['out_dir']}")
+    print(plumbing.results_table({"SFT model": result["before"], "after PPO": result["after"]}))
     print("\nWhat the critic costs:")
-    print(plumbing.results_table(cost))
-    print(memory)
+    print(plumbing.results_table(result["cost"]))
+    print(result["memory"])
     print(f"mean time per step: {mean_step:.2f}s, of which the value model (its forward at "
           f"sampling, GAE, its updates): {mean_value:.2f}s ({100 * mean_value / mean_step:.0f}%)")
-    return {"before": before, "after": after, "out_dir": out_dir, "cost": cost, "memory": memory,
-            "mean_step_time": mean_step, "mean_value_time": mean_value}
 
 
 if __name__ == "__main__":
