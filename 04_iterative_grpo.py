@@ -25,8 +25,10 @@ trained with binary cross-entropy against the verifier's label y (1 if o's answe
 first on outputs of pi_sft. The verifier labels r_phi's data and grades the policy for the logs;
 the policy's update never sees it.
 
-Line 9: r~_i = (r_i - mean(r)) / std(r) within the group, A_{i,t} = r~_i; --scale_rewards none
-(Dr. GRPO): A_{i,t} = r_i - mean(r).
+Line 9: r~_i = (r_i - mean(r)) / std(r) within the group, A_{i,t} = r~_i (--scale_rewards group,
+the paper's); by default here A_{i,t} = r_i - mean(r) (Dr. GRPO's --scale_rewards none): r_phi's
+scores within a group differ by a few hundredths, mostly its noise, and dividing by their std
+blows that noise up to unit-size advantages (docs/04_iterative_grpo.md measures it).
 Line 11, eq. (3), with the k3 estimator of eq. (4):
 
     J_GRPO(theta) = E[ 1/G sum_i 1/|o_i| sum_t { min( ratio_{i,t} A_{i,t},
@@ -35,21 +37,24 @@ Line 11, eq. (3), with the k3 estimator of eq. (4):
     ratio_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
     D_KL[pi_theta || pi_ref] = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1     (per token)
 
-The comparisons: --frozen_rm skips line 12 (r_phi trained once, on pi_sft's samples); --frozen_ref
-runs line 3 only once (pi_ref stays pi_sft). Both together are GRPO with a fixed reward model and
-reference for the same I x M policy updates: one long round instead of iterations.
+The comparison: --frozen_rm skips line 12 (r_phi trained once, on pi_sft's samples; pi_ref is still
+reset every iteration), so the policy climbs a reward model that never sees its new outputs. Watch
+r_phi's gap (its mean score minus the true accuracy of the same samples) and its within-group AUC
+(the chance it ranks a right output above a wrong one of the same question). --frozen_ref runs
+line 3 only once (pi_ref stays pi_sft).
 --micro_batch_size splits every pass of the policy, pi_ref and r_phi into that many outputs.
 
-Run:  python 04_iterative_grpo.py                           Algorithm 1
-      python 04_iterative_grpo.py --frozen_rm --frozen_ref  the same updates, no iterations
-      python 04_iterative_grpo.py --iterations 6 --steps 10 --scale_rewards none --eval_ood 0 --k 0
-      python 04_iterative_grpo.py --model smollm2           the real model, for a GPU
+Run:  python 04_iterative_grpo.py                      Algorithm 1: I = 6 iterations of M = 10 steps
+      python 04_iterative_grpo.py --frozen_rm          the same updates, r_phi never re-trained
+      python 04_iterative_grpo.py --scale_rewards group  line 9 with the paper's std division
+      python 04_iterative_grpo.py --model smollm2      the real model, for a GPU
 (--help lists every option; docs/04_iterative_grpo.md has the results.)
 """
 
 import copy
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -71,20 +76,20 @@ class Args:
     seed: int = arg(0, "seed of the train problems, sampling and init", min=0, below=2**32,
                     must=SEED_MUST)
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    iterations: int = arg(3, "I: outer iterations of Algorithm 1", min=1)
-    steps: int = arg(20, "M: GRPO steps (sampled batches) per iteration", min=1)
+    iterations: int = arg(6, "I: outer iterations of Algorithm 1", min=1)
+    steps: int = arg(10, "M: GRPO steps (sampled batches) per iteration", min=1)
     batch_size: int = arg(16, "questions per step", min=1)
     group_size: int = arg(8, "G: outputs sampled per question (a baseline needs 2)", min=2)
     micro_batch_size: int = arg(0, "outputs per forward/backward pass; 0: the whole batch", min=0)
     lr: float = arg(1e-4, "Adam learning rate of the policy", above=0)
     warmup_steps: int = arg(20, "steps of linear learning-rate warm-up, once per run", min=0)
-    beta: float = arg(0.04, "KL coefficient beta of eq. (3)", min=0)
+    beta: float = arg(0.1, "KL coefficient beta of eq. (3)", min=0)
     clip_eps: float = arg(0.2, "clip range epsilon of eq. (3)", min=0, below=1)
     mu: int = arg(1, "GRPO iterations per sampled batch (1 in the paper)", min=1)
     temperature: float = arg(1.0, "sampling temperature (log-probs use the same)", above=0)
     max_new_tokens: int = arg(64, "longest completion", min=1)
     max_grad_norm: float = arg(1.0, "gradient clipping (policy and r_phi)", above=0)
-    scale_rewards: str = arg("group", "line 9: group (divide by the std) or none (Dr. GRPO)",
+    scale_rewards: str = arg("none", "line 9: group (divide by the std) or none (Dr. GRPO)",
                              choices=("group", "none"))
     frozen_rm: bool = arg(False, "never re-train r_phi (skip line 12); pi_ref still resets")
     frozen_ref: bool = arg(False, "pi_ref stays pi_sft (line 3 once); r_phi still re-trains")
@@ -92,8 +97,9 @@ class Args:
     rm_batch_size: int = arg(64, "outputs per r_phi training step", min=1)
     rm_init_questions: int = arg(128, "questions whose G pi_sft samples first train r_phi", min=1)
     rm_init_steps: int = arg(100, "r_phi training steps on pi_sft's samples, before line 2", min=0)
-    rm_steps: int = arg(50, "r_phi training steps at the end of each iteration (line 12)", min=0)
+    rm_steps: int = arg(20, "r_phi training steps at the end of each iteration (line 12)", min=0)
     replay_fraction: float = arg(0.1, "share of r_phi batches from history", min=0, below=1)
+    rm_balance: bool = arg(False, "r_phi's new data: right and wrong outputs equally often")
     rm_eval_questions: int = arg(64, "test questions whose G samples measure r_phi", min=1)
     eval_test: int = arg(200, "test problems evaluated (greedy after every iteration)", min=1)
     eval_ood: int = arg(200, "out-of-distribution (longer) problems evaluated", min=0)
@@ -194,6 +200,19 @@ def replay_batch(new: list, history: list, batch_size: int, replay_fraction: flo
     pi_sft's samples) the whole batch is new data."""
     n_old = round(replay_fraction * batch_size) if history else 0
     return rng.choices(new, k=batch_size - n_old) + rng.choices(history, k=n_old)
+
+
+def balance_classes(examples: list, rng: random.Random) -> list:
+    """The examples with the rarer label (right or wrong) drawn again at random until both labels
+    are equally many, so that a batch drawn from them is half right, half wrong on average.
+    Unweighted BCE on 81% right outputs rests at "always right"; balanced, it must discriminate.
+    With one label only, the examples are returned as they are."""
+    right = [e for e in examples if e["label"] == 1]
+    wrong = [e for e in examples if e["label"] == 0]
+    if not right or not wrong:
+        return examples
+    rare, frequent = (right, wrong) if len(right) < len(wrong) else (wrong, right)
+    return frequent + rare + rng.choices(rare, k=len(frequent) - len(rare))
 
 
 def examples_from_batch(batch: common.Batch, labels) -> list:
@@ -351,6 +370,8 @@ def grpo_step(policy, ref_policy, reward_model, tokenizer, optimizer, problems: 
     updated = grpo_update(policy, ref_policy, optimizer, batch, token_advantages, args)  # 10-11
     correct = outcome_rewards(problems, batch.texts, G)  # the verifier: logs and r_phi's data only
     stats = {"rm_reward": rewards.mean().item(), "accuracy": correct.sum().item() / len(correct),
+             # r_phi's over-estimate on this batch: the number that shows it being exploited
+             "rm_gap": rewards.mean().item() - correct.mean().item(),
              **updated, "adv_abs": advantages.abs().mean().item(),
              "zero_adv_groups": (rewards.view(-1, G).std(1) == 0).float().mean().item(),
              "completion_len": mask.sum(1).float().mean().item()}
@@ -407,7 +428,8 @@ def main(argv=None):
             new_data += labelled
             log_step(log, bar, iteration, step, stats, plumbing.clock(device) - t0, args)
         sampled = probe(policy, tokenizer, watched, args)  # r_phi facing the policy it now has
-        rm_before, rm_losses = rm_agreement(reward_model, sampled, args.micro_batch_size), []
+        rm_before = rm_agreement(reward_model, sampled, args.group_size, args.micro_batch_size)
+        rm_losses = []
         if not args.frozen_rm:  # line 12: this iteration's samples, replaying the history
             rm_losses = train_rm(reward_model, rm_optimizer, new_data, history, args.rm_steps,
                                  rng, tokenizer, args)
@@ -420,7 +442,9 @@ def main(argv=None):
 
 def train_rm(reward_model, rm_optimizer, new: list, history: list, steps: int, rng, tokenizer,
              args: Args) -> list:
-    """train_reward_model with the lesson's settings."""
+    """train_reward_model with the lesson's settings (--rm_balance: new data class-balanced)."""
+    if args.rm_balance:
+        new = balance_classes(new, rng)
     return train_reward_model(reward_model, rm_optimizer, new, history, steps, args.rm_batch_size,
                               args.replay_fraction, rng, tokenizer.pad_token_id,
                               args.max_grad_norm, args.micro_batch_size)
@@ -443,31 +467,59 @@ def evaluate_policy(policy, tokenizer, args: Args, n_ood: int, k: int) -> dict:
 
 @torch.no_grad()
 def probe(policy, tokenizer, problems: list, args: Args) -> dict:
-    """Fresh samples of the current policy on held-out questions: what r_phi says, what is true."""
+    """Fresh samples of the current policy on held-out questions: what r_phi says, what is true,
+    and the final answers the policy gives (a policy that exploits r_phi has favourites)."""
     batch, labels = sample_graded(policy, tokenizer, problems, args)
-    return {"batch": batch, "labels": labels}
+    answers = [task.verify(problems[i // args.group_size], t)["answer"]
+               for i, t in enumerate(batch.texts)]
+    return {"batch": batch, "labels": labels, "answers": answers}
+
+
+def within_group_auc(scores: torch.Tensor, labels: torch.Tensor, group_size: int):
+    """P(r_phi scores a right output above a wrong one of the same group), ties counting 1/2, over
+    every (right, wrong) pair inside a group; groups with one class only have no pair. This is
+    what the group-relative advantage can use: 0.5 is no signal, below 0.5 the wrong way round.
+    None when no group has both classes. scores, labels: [B*G]."""
+    s, y = scores.view(-1, group_size), labels.view(-1, group_size)  # [B, G]
+    right_minus_wrong = s[:, :, None] - s[:, None, :]  # [B, G, G]: s_i - s_j
+    pairs = (y[:, :, None] == 1) & (y[:, None, :] == 0)  # [B, G, G]: i right, j wrong
+    if not pairs.any():
+        return None
+    wins = (right_minus_wrong > 0).float() + 0.5 * (right_minus_wrong == 0).float()
+    return (wins[pairs].sum() / pairs.sum()).item()
 
 
 @torch.no_grad()
-def rm_agreement(reward_model, sampled: dict, micro_batch_size: int = 0) -> dict:
-    """r_phi's accuracy (r_phi > 0.5 agrees with the verifier) and mean reward on probe samples."""
+def rm_agreement(reward_model, sampled: dict, group_size: int, micro_batch_size: int = 0) -> dict:
+    """r_phi on probe samples against the verifier: agreement (r_phi > 0.5 is right), mean
+    reward, its over-estimate of the true accuracy, false positives, within-group AUC."""
     scores = rm_rewards(reward_model, sampled["batch"], micro_batch_size).cpu()  # [N]
     labels = sampled["labels"]
     wrong = labels == 0
     return {"rm_acc": ((scores > 0.5).float() == labels).float().mean().item(),
             "rm_reward": scores.mean().item(),
+            "rm_gap": scores.mean().item() - labels.mean().item(),
             # wrong outputs that r_phi calls right: the holes a policy can learn to exploit
-            "rm_false_pos": (scores[wrong] > 0.5).float().mean().item() if wrong.any() else 0.0}
+            "rm_false_pos": (scores[wrong] > 0.5).float().mean().item() if wrong.any() else 0.0,
+            "rm_auc": within_group_auc(scores, labels, group_size)}
+
+
+def favourite_answers(sampled: dict, top: int = 3) -> list:
+    """The most frequent final answers among the probe samples, whatever the question:
+    [[answer, count], ...]; None counts the outputs with no answer line."""
+    return [[a, n] for a, n in Counter(sampled["answers"]).most_common(top)]
 
 
 def first_record(log, sampled: dict, reward_model, history: list, rm_losses: list, before: dict,
                  args: Args) -> dict:
     """Iteration 0: r_phi after its first training, on fresh samples of pi_sft."""
-    rm_now = rm_agreement(reward_model, sampled, args.micro_batch_size)
+    rm_now = rm_agreement(reward_model, sampled, args.group_size, args.micro_batch_size)
     record = {"iteration": 0, "after_iteration": 0, "policy_updates": 0,
               "true_acc": sampled["labels"].mean().item(), "test_greedy": before["test_greedy"],
               "rm_acc_before": rm_now["rm_acc"], "rm_acc_after": rm_now["rm_acc"],
-              "rm_reward": rm_now["rm_reward"], "rm_false_pos": rm_now["rm_false_pos"],
+              "rm_reward": rm_now["rm_reward"], "rm_gap": rm_now["rm_gap"],
+              "rm_false_pos": rm_now["rm_false_pos"], "rm_auc": rm_now["rm_auc"],
+              "favourite_answers": favourite_answers(sampled),
               "rm_loss_first": rm_losses[0] if rm_losses else None,
               "rm_loss_last": rm_losses[-1] if rm_losses else None, "rm_train_size": len(history),
               "sft_sample_acc": sum(e["label"] for e in history) / len(history)}
@@ -483,27 +535,33 @@ def log_step(log, bar, iteration: int, step: int, stats: dict, step_time: float,
     log.write({"iteration": iteration, "step": step, "policy_updates": policy_updates, **stats,
                "step_time": step_time})
     bar.set_postfix(rm_reward=f"{stats['rm_reward']:.2f}", acc=f"{stats['accuracy']:.2f}",
-                    kl=f"{stats['kl']:.4f}", clip=f"{stats['clip_frac']:.3f}")
+                    gap=f"{stats['rm_gap']:+.2f}", kl=f"{stats['kl']:.4f}",
+                    clip=f"{stats['clip_frac']:.3f}")
 
 
 def iteration_record(log, policy, tokenizer, reward_model, sampled: dict, iteration: int,
                      rm_before: dict, rm_losses: list, new_size: int, history_size: int,
                      args: Args) -> dict:
     """After line 12: r_phi on the same probe samples before and after it, and greedy test."""
-    rm_after = rm_agreement(reward_model, sampled, args.micro_batch_size)
+    rm_after = rm_agreement(reward_model, sampled, args.group_size, args.micro_batch_size)
     test_greedy = evaluate_policy(policy, tokenizer, args, 0, 0)["test_greedy"]
     record = {"iteration": iteration, "after_iteration": iteration,
               "policy_updates": iteration * args.steps * args.mu,
               "true_acc": sampled["labels"].mean().item(), "test_greedy": test_greedy,
               "rm_acc_before": rm_before["rm_acc"], "rm_acc_after": rm_after["rm_acc"],
-              "rm_reward": rm_before["rm_reward"], "rm_false_pos": rm_before["rm_false_pos"],
+              "rm_reward": rm_before["rm_reward"], "rm_gap": rm_before["rm_gap"],
+              "rm_false_pos": rm_before["rm_false_pos"], "rm_auc": rm_before["rm_auc"],
+              "rm_gap_after": rm_after["rm_gap"], "rm_false_pos_after": rm_after["rm_false_pos"],
+              "rm_auc_after": rm_after["rm_auc"], "favourite_answers": favourite_answers(sampled),
               "rm_loss_first": rm_losses[0] if rm_losses else None,
               "rm_loss_last": rm_losses[-1] if rm_losses else None,
               "rm_train_size": new_size if not args.frozen_rm else 0,
               "history_size": history_size}
     log.write(record)
     print(f"iteration {iteration}: true accuracy {record['true_acc']:.3f}, r_phi mean reward "
-          f"{record['rm_reward']:.3f}, r_phi accuracy {record['rm_acc_before']:.3f} -> "
+          f"{record['rm_reward']:.3f} (gap {record['rm_gap']:+.3f}, within-group AUC "
+          f"{record['rm_auc'] if record['rm_auc'] is None else round(record['rm_auc'], 3)}), "
+          f"r_phi accuracy {record['rm_acc_before']:.3f} -> "
           f"{record['rm_acc_after']:.3f}, greedy test {test_greedy:.3f}")
     return record
 
@@ -526,8 +584,13 @@ def report(policy, reward_model, tokenizer, before, records, log, out_dir, devic
           f"{args.temperature}):\n")
     print(plumbing.results_table({f"iteration {r['iteration']}": {
         "policy updates": r["policy_updates"], "true accuracy": r["true_acc"],
-        "r_phi mean reward": r["rm_reward"], "r_phi acc before": r["rm_acc_before"],
-        "r_phi acc after": r["rm_acc_after"], "greedy test": r["test_greedy"]} for r in records}))
+        "r_phi mean reward": r["rm_reward"], "r_phi gap": r["rm_gap"],
+        "r_phi false pos": r["rm_false_pos"], "r_phi AUC in group": r["rm_auc"],
+        "r_phi acc before": r["rm_acc_before"], "r_phi acc after": r["rm_acc_after"],
+        "greedy test": r["test_greedy"]} for r in records}))
+    print(f"The last probe's favourite final answers ({args.rm_eval_questions} questions x G = "
+          f"{args.group_size}; answer: outputs): "
+          + ", ".join(f"{a}: {n}" for a, n in records[-1]["favourite_answers"]))
     print(memory)
     return {"before": before, "after": after, "iterations": records, "out_dir": out_dir,
             "mode": mode, "memory": memory}

@@ -184,6 +184,14 @@ def test_lesson_runs_end_to_end_on_cpu(cache_dir, tmp_path, sft):
     firsts = [r["kl"] for r in steps if r["step"] == 1]
     assert all(abs(kl) < 1e-6 for kl in firsts)
     assert records[-1]["final"] and (tmp_path / "iterative" / "reward_model").exists()
+    # what decides: r_phi's over-estimate, false positives, within-group AUC, favourite answers
+    for r in out["iterations"]:
+        assert r["rm_gap"] == pytest.approx(r["rm_reward"] - r["true_acc"])
+        assert r["rm_auc"] is None or 0 <= r["rm_auc"] <= 1
+        assert 0 <= r["rm_false_pos"] <= 1
+        assert sum(n for _, n in r["favourite_answers"]) <= 2 * 2  # 2 probe questions x G = 2
+    for r in steps:
+        assert r["rm_gap"] == pytest.approx(r["rm_reward"] - r["accuracy"])
 
 
 @pytest.mark.parametrize("frozen_ref", [False, True])
@@ -379,8 +387,8 @@ def test_micro_batches_accumulate_the_whole_batch_gradient_of_r_phi(sft_policy):
 
 def test_runs_that_differ_in_one_option_keep_two_logs():
     folders = [plumbing.run_dir("04_iterative_grpo", plumbing.parse_args(lesson.Args, argv))
-               for argv in ([], ["--frozen_rm"], ["--frozen_ref"], ["--scale_rewards", "none"],
-                            ["--scale_rewards", "none", "--frozen_rm", "--frozen_ref"])]
+               for argv in ([], ["--frozen_rm"], ["--frozen_ref"], ["--scale_rewards", "group"],
+                            ["--scale_rewards", "group", "--frozen_rm", "--frozen_ref"])]
     assert len(set(folders)) == 5 and folders[0] == "runs/04_iterative_grpo/seed0"
 
 
