@@ -224,7 +224,7 @@ def _slug(name: str) -> str:
 
 
 def load_policy(model: str = "tiny", sft_steps: int = SFT_STEPS, device="cpu", cache_dir=None,
-                seed: int = 0, micro_batch_size: int = 0):
+                micro_batch_size: int = 0):
     """The SFT model pi_sft and its tokenizer: the starting point (and reference) of every lesson.
 
     The default (model="tiny", SFT_STEPS steps, seed 0) is the pi_sft committed in ./pi_sft, so
@@ -236,6 +236,7 @@ def load_policy(model: str = "tiny", sft_steps: int = SFT_STEPS, device="cpu", c
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    seed = 0  # the SFT warm start's seed: every lesson and every run start from the same pi_sft
     device = resolve_device(device) if isinstance(device, str) else device
     if sft_steps < 0:
         fail(f"--sft_steps must be >= 0, got {sft_steps}")
