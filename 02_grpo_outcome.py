@@ -127,7 +127,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, clip_eps: float, beta:
     micro-batch of it (default: these rows are the batch), so the micro-batches' losses add up to
     the whole batch's loss. max_len: the constant of loss_agg "constant".
     Returns (loss, {"kl": float, "clip_frac": float}): the loss a 0-d tensor, -J, to call backward()
-    on; the statistics plain floats (.item()), which grpo_step adds up over micro-batches.
+    on; the statistics plain floats (.item()), which the update adds up over its micro-batches.
     """
     mask = mask.float()
     num_outputs = mask.shape[0] if num_outputs is None else num_outputs
