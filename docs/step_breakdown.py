@@ -72,8 +72,9 @@ def main():
     for label, repo in (v.split("=", 1) for v in args.versions):
         common = load_module(f"{repo}/common.py", f"common_{label}")
         sys.modules["common"] = common  # the lesson file imports `common`: this version's
-        if Path(f"{repo}/task.py").exists():  # and `task` where the task has a module of its own
-            sys.modules["task"] = load_module(f"{repo}/task.py", f"task_{label}")
+        task_v = common  # and `task` where the task has a module of its own (since task.py)
+        if Path(f"{repo}/task.py").exists():
+            task_v = sys.modules["task"] = load_module(f"{repo}/task.py", f"task_{label}")
         # and `plumbing` where that version has one (earlier versions kept it all in common.py)
         has_plumbing = Path(f"{repo}/plumbing.py").exists()
         plumbing_v = (load_module(f"{repo}/plumbing.py", f"plumbing_{label}") if has_plumbing
@@ -86,11 +87,11 @@ def main():
                      else "token_logprobs")
         common.sample = timed(common.sample, "sample")
         setattr(common, log_probs, timed(getattr(common, log_probs), None))
-        versions[label] = (common, lesson, plumbing_v)
+        versions[label] = (common, lesson, plumbing_v, task_v)
     torch.Tensor.backward = timed(torch.Tensor.backward, "backward")
 
     from transformers import AutoModelForCausalLM
-    common, lesson, plumbing = versions[list(versions)[-1]]
+    common, lesson, plumbing, _ = versions[list(versions)[-1]]
     device = plumbing.resolve_device(args.device)
     pretrained_sft = getattr(lesson, "PRETRAINED", {}).get("sft_steps", plumbing.SFT_STEPS)
     sft_steps = args.sft_steps if args.sft_steps >= 0 else (
@@ -109,10 +110,10 @@ def main():
             policies[label] = (policy.requires_grad_(True), optimizer)
             rows[label] = collections.defaultdict(list)
         for step in range(args.steps + 1):  # step 0 is a warm-up
-            for label, (common_v, lesson, _) in versions.items():
+            for label, (common_v, lesson, _, task_v) in versions.items():
                 pieces = current["pieces"] = collections.defaultdict(float)
                 common_v.set_seed(step)
-                questions = common_v.train_problems(step)
+                questions = task_v.train_problems(step)
                 problems = [next(questions) for _ in range(16)]
                 policy, optimizer = policies[label]
                 start = clock()
