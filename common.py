@@ -187,8 +187,11 @@ def sample_static(model, tokenizer, prompts: list[str], group_size: int = 1,
     mask = torch.full((N, 1, 1, P + T), torch.finfo(dtype).min, dtype=dtype, device=device)
     mask[:, 0, 0, :P].masked_fill_(prompt_mask.bool(), 0)  # [N, 1, 1, P+T]: 0 where attended
     kv = {_cache_argument(model): cache, "use_cache": True}
-    forward = lambda: model(input_ids=token, attention_mask=mask, position_ids=position,
-                            **kv).logits[:, -1].float()  # [N, V]
+
+    def forward():  # [N, V]: the next token's logits, from the fixed inputs above
+        return model(input_ids=token, attention_mask=mask, position_ids=position,
+                     **kv).logits[:, -1].float()
+
     graph = None
     completion_ids = torch.full((N, T), tokenizer.pad_token_id, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)  # [N] rows that wrote EOS
