@@ -44,10 +44,10 @@ r_phi's gap (its mean score minus the true accuracy of the same samples) and its
 line 3 only once (pi_ref stays pi_sft).
 --micro_batch_size splits every pass of the policy, pi_ref and r_phi into that many outputs.
 
-Run:  python 04_iterative_grpo.py                      Algorithm 1: I = 6 iterations of M = 10 steps
-      python 04_iterative_grpo.py --frozen_rm          the same updates, r_phi never re-trained
+Run:  python 04_iterative_grpo.py                    Algorithm 1: I = 10 iterations of M = 10 steps
+      python 04_iterative_grpo.py --frozen_rm        the same updates, r_phi never re-trained
       python 04_iterative_grpo.py --scale_rewards group  line 9 with the paper's std division
-      python 04_iterative_grpo.py --model smollm2      the real model, for a GPU
+      python 04_iterative_grpo.py --model smollm2    the real model, for a GPU
 (--help lists every option; docs/04_iterative_grpo.md has the results.)
 """
 
@@ -76,7 +76,7 @@ class Args:
     seed: int = arg(0, "seed of the train problems, sampling and init", min=0, below=2**32,
                     must=SEED_MUST)
     device: str = arg("auto", "auto, cpu, cuda or cuda:N")
-    iterations: int = arg(6, "I: outer iterations of Algorithm 1", min=1)
+    iterations: int = arg(10, "I: outer iterations of Algorithm 1", min=1)
     steps: int = arg(10, "M: GRPO steps (sampled batches) per iteration", min=1)
     batch_size: int = arg(16, "questions per step", min=1)
     group_size: int = arg(8, "G: outputs sampled per question (a baseline needs 2)", min=2)

@@ -32,8 +32,8 @@ SYMPTOMS = {
         f"python 01_ppo.py --steps 8 --batch_size 64 --minibatch_size 32 --value_lr 1e-3 {E}",
         ["explained_variance", "value_loss"]),
     "length": ("python 05_unified.py --methods online_rft --seeds 0", ["completion_len"]),
-    "reward up, accuracy down": ("python 04_iterative_grpo.py --frozen_rm --frozen_ref",
-                                 ["rm_reward", "accuracy"]),
+    "reward up, accuracy down": ("python 04_iterative_grpo.py --frozen_rm",
+                                 ["rm_reward", "accuracy", "rm_gap"]),
 }
 # what makes a command short: the page's options, then these (argparse keeps the last value)
 SHORT = {
