@@ -1,6 +1,6 @@
 """Bug hunt: a realistic bug planted in a lesson; find it from the numbers, fix it; tests grade it.
 
-    python docs/bughunt.py 02        # plant a bug in 02_grpo_outcome.py (01, 02 or 03)
+    python docs/bughunt.py 02        # plant a bug in 02_grpo_outcome.py (01, 02, 03 or 04)
     python docs/bughunt.py 02 7      # the bug seed 7 picks, the same on every machine
     ... run the command it prints, read the numbers, find the bug, fix it ...
     python -m pytest -q ...          # the command it prints: red while the bug is there
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-LESSONS = {"01": "01_ppo", "02": "02_grpo_outcome", "03": "03_grpo_process"}
+LESSONS = {"01": "01_ppo", "02": "02_grpo_outcome", "03": "03_grpo_process",
+           "04": "04_iterative_grpo"}
 
 # What to run to see the symptoms (a short run: 30-60 s on a laptop CPU), and what grades the fix:
 # the unit tests of the lesson's equations, a few seconds.
@@ -37,6 +38,8 @@ RUN = {
           "--out_dir runs/bughunt/02",
     "03": "python 03_grpo_process.py --steps 20 --eval_test 100 --eval_ood 0 --k 0 "
           "--out_dir runs/bughunt/03",
+    "04": "python 04_iterative_grpo.py --iterations 3 --steps 5 --eval_test 100 --eval_ood 0 "
+          "--k 0 --out_dir runs/bughunt/04",
 }
 GRADE = {
     "01": 'python -m pytest -q tests/test_01_ppo.py -k "gae or kl_penalised or surrogate or '
@@ -45,6 +48,8 @@ GRADE = {
           'pi_old) and not bad_arguments"',
     "03": 'python -m pytest -q tests/test_03_grpo_process.py -k "advantage or normalisation or '
           'two_steps or cut_short"',
+    "04": 'python -m pytest -q tests/test_04_iterative_grpo.py -k "rm_score or constant_reward '
+          'or reset_reference_copies"',
 }
 
 
@@ -98,6 +103,14 @@ BUGS = [
     Bug("03", "two steps ending on one token: the second overwrites the first",
         "index_put_((row, end), normalised, accumulate=True)",
         "index_put_((row, end), normalised, accumulate=False)"),
+    Bug("04", "r_phi read at the last column, not at each output's EOS",
+        "last = batch.prompt_ids.shape[1] + batch.completion_mask.sum(1) - 1",
+        "last = torch.full_like(batch.completion_mask.sum(1), input_ids.shape[1] - 1)"),
+    Bug("04", "the update rewarded by the verifier, not by r_phi",
+        "rewards = rm_rewards(reward_model, batch, args.micro_batch_size)",
+        "rewards = outcome_rewards(problems, batch.texts, G)"),
+    Bug("04", "pi_ref is the policy itself, not a frozen copy",
+        "return copy.deepcopy(policy).eval().requires_grad_(False)", "return policy"),
 ]
 
 

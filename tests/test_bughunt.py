@@ -21,7 +21,7 @@ spec.loader.exec_module(bughunt)
 # the functions the bugs go into: the equations, and the update that holds pi_old
 EQUATIONS = {"gae", "kl_penalised_rewards", "whiten", "ppo_clipped_surrogate",
              "grpo_outcome_advantages", "kl_k3", "grpo_loss", "grpo_step", "grpo_update",
-             "grpo_process_advantages"}
+             "grpo_process_advantages", "rm_logits", "reset_reference"}
 
 
 def copy_course(dest):
@@ -84,4 +84,4 @@ def test_a_student_plants_a_bug_and_git_checkout_restores_it(tmp_path):
     git("checkout", lesson)
     assert (tmp_path / lesson).read_text() == original
     assert hunt("--check", "02").returncode != 0  # never every bug in a git checkout
-    assert hunt("04").returncode != 0 and "use one of 01, 02, 03" in hunt("04").stderr
+    assert hunt("05").returncode != 0 and "use one of 01, 02, 03, 04" in hunt("05").stderr
