@@ -139,7 +139,11 @@ def test_main_with_a_constant_reward_model_never_moves_the_policy(cache_dir, tmp
                                                "--cache_dir", cache_dir])
     steps = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in steps if "step" in r]
-    assert len(steps) == 4 and all(r["adv_abs"] == 0 and r["zero_adv_groups"] == 1 for r in steps)
+    assert len(steps) == 4
+    seen = [(r["adv_abs"], r["zero_adv_groups"]) for r in steps]
+    assert all(adv == 0 and zero == 1 for adv, zero in seen), (
+        f"a constant r_phi gives every group equal rewards, so (adv_abs, zero_adv_groups) should be "
+        f"(0, 1) on every step; got {seen}: the update's rewards do not come from r_phi")
     assert any(0 < r["accuracy"] < 1 for r in steps)  # the verifier would have given this run a signal
     trained = AutoModelForCausalLM.from_pretrained(Path(out["out_dir"]) / "model").state_dict()
     for name, weights in plumbing.load_policy("tiny", plumbing.SFT_STEPS, "cpu")[0].state_dict().items():
