@@ -429,16 +429,26 @@ def main(argv=None):
             new_data += labelled
             log_step(log, bar, iteration, step, stats, plumbing.clock(device) - t0, args)
         sampled = probe(policy, tokenizer, watched, args)  # r_phi facing the policy it now has
-        rm_before = rm_agreement(reward_model, sampled, args.group_size, args.micro_batch_size)
-        rm_losses = []
+        rm = {"before": rm_agreement(reward_model, sampled, args.group_size, args.micro_batch_size),
+              "losses": []}
         if not args.frozen_rm:  # line 12: this iteration's samples, replaying the history
-            rm_losses = train_rm(reward_model, rm_optimizer, new_data, history, args.rm_steps,
-                                 rng, tokenizer, args)
+            rm["losses"] = train_rm(reward_model, rm_optimizer, new_data, history, args.rm_steps,
+                                    rng, tokenizer, args)
             history += new_data
-        records.append(iteration_record(log, policy, tokenizer, reward_model, sampled, iteration,
-                                        rm_before, rm_losses, len(new_data), len(history), args))
-    return report(policy, reward_model, tokenizer, before, records, log, out_dir, device, started,
-                  args)
+        rm["after"] = rm_agreement(reward_model, sampled, args.group_size, args.micro_batch_size)
+        test_greedy = evaluate_policy(policy, tokenizer, args, 0, 0)["test_greedy"]
+        records.append(iteration_record(log, iteration, sampled, rm, test_greedy, len(history),
+                                        args))
+    memory = plumbing.peak_memory(device)  # policy, pi_ref and r_phi, sampling and both trainings
+    after = evaluate_policy(policy, tokenizer, args, args.eval_ood, args.k)
+    for model, folder in ((policy, "model"), (tokenizer, "model"), (reward_model, "reward_model")):
+        model.save_pretrained(f"{out_dir}/{folder}")
+    log.write({"final": True, "before": before, "after": after, "memory": memory,
+               "wall_time": time.time() - started})
+    result = {"before": before, "after": after, "iterations": records, "out_dir": out_dir,
+              "mode": mode_of(args), "memory": memory}
+    report(result, device, time.time() - started, args)
+    return result
 
 
 def train_rm(reward_model, rm_optimizer, new: list, history: list, steps: int, rng, tokenizer,
@@ -540,12 +550,12 @@ def log_step(log, bar, iteration: int, step: int, stats: dict, step_time: float,
                     clip=f"{stats['clip_frac']:.3f}")
 
 
-def iteration_record(log, policy, tokenizer, reward_model, sampled: dict, iteration: int,
-                     rm_before: dict, rm_losses: list, new_size: int, history_size: int,
-                     args: Args) -> dict:
-    """After line 12: r_phi on the same probe samples before and after it, and greedy test."""
-    rm_after = rm_agreement(reward_model, sampled, args.group_size, args.micro_batch_size)
-    test_greedy = evaluate_policy(policy, tokenizer, args, 0, 0)["test_greedy"]
+def iteration_record(log, iteration: int, sampled: dict, rm: dict, test_greedy: float,
+                     history_size: int, args: Args) -> dict:
+    """After line 12: r_phi on the same probe samples before and after it (rm: its agreement
+    before and after, its training losses), and greedy test accuracy."""
+    rm_before, rm_after, rm_losses = rm["before"], rm["after"], rm["losses"]
+    new_size = args.steps * args.batch_size * args.group_size  # line 12's new data: M x B x G
     record = {"iteration": iteration, "after_iteration": iteration,
               "policy_updates": iteration * args.steps * args.mu,
               "true_acc": sampled["labels"].mean().item(), "test_greedy": test_greedy,
@@ -556,7 +566,7 @@ def iteration_record(log, policy, tokenizer, reward_model, sampled: dict, iterat
               "rm_auc_after": rm_after["rm_auc"], "favourite_answers": favourite_answers(sampled),
               "rm_loss_first": rm_losses[0] if rm_losses else None,
               "rm_loss_last": rm_losses[-1] if rm_losses else None,
-              "rm_train_size": new_size if not args.frozen_rm else 0,
+              "rm_train_size": 0 if args.frozen_rm else new_size,
               "history_size": history_size}
     log.write(record)
     print(f"iteration {iteration}: true accuracy {record['true_acc']:.3f}, r_phi mean reward "
@@ -567,20 +577,14 @@ def iteration_record(log, policy, tokenizer, reward_model, sampled: dict, iterat
     return record
 
 
-def report(policy, reward_model, tokenizer, before, records, log, out_dir, device, started,
-           args: Args) -> dict:
-    memory = plumbing.peak_memory(device)  # policy, pi_ref and r_phi, sampling and both trainings
-    after = evaluate_policy(policy, tokenizer, args, args.eval_ood, args.k)
-    policy.save_pretrained(f"{out_dir}/model")
-    tokenizer.save_pretrained(f"{out_dir}/model")
-    reward_model.save_pretrained(f"{out_dir}/reward_model")
-    log.write({"final": True, "before": before, "after": after, "memory": memory,
-               "wall_time": time.time() - started})
-    mode = mode_of(args)
+def report(result: dict, device, seconds: float, args: Args):
+    """The run's tables: before / after, r_phi and the policy per iteration, favourite answers."""
+    mode, records = result["mode"], result["iterations"]
     print(f"\nIterative GRPO ({mode}), {args.iterations} iterations x {args.steps} steps of "
           f"{args.batch_size} questions x G={args.group_size} on {device}, "
-          f"{time.time() - started:.0f}s; log in {out_dir}")
-    print(plumbing.results_table({"SFT model": before, f"after GRPO ({mode})": after}))
+          f"{seconds:.0f}s; log in {result['out_dir']}")
+    print(plumbing.results_table({"SFT model": result["before"],
+                                  f"after GRPO ({mode})": result["after"]}))
     print("\nPer iteration, on fresh samples of the policy for held-out questions (temperature "
           f"{args.temperature}):\n")
     print(plumbing.results_table({f"iteration {r['iteration']}": {
@@ -592,9 +596,7 @@ def report(policy, reward_model, tokenizer, before, records, log, out_dir, devic
     print(f"The last probe's favourite final answers ({args.rm_eval_questions} questions x G = "
           f"{args.group_size}; answer: outputs): "
           + ", ".join(f"{a}: {n}" for a, n in records[-1]["favourite_answers"]))
-    print(memory)
-    return {"before": before, "after": after, "iterations": records, "out_dir": out_dir,
-            "mode": mode, "memory": memory}
+    print(result["memory"])
 
 
 if __name__ == "__main__":
